@@ -1,0 +1,553 @@
+//! The engine handle: start-up (device headers, cold start, shard threads), the request API,
+//! and shutdown.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+
+use crate::api::{Command, Reply, ScanPage};
+use crate::coldstart::{keep_newest, scan_slice};
+use crate::config::EngineConfig;
+use crate::error::{DeviceError, EngineError};
+use crate::format::{DeviceHeader, HEADER_COPY_STRIDE, HEADER_FLAG_CLEAN};
+use crate::index::{IndexEntry, MAX_DEVICES, MAX_DEVICE_BYTES};
+use crate::io::{run_sync, AlignedBuf, DeviceSet, Doorbell, IoBackend, IoOp, IoRequest, WBuf};
+use crate::shard::{Msg, Shard};
+use crate::shared::{DevShared, EngineStats, ShardStats, Shared};
+use crate::types::{now_cl_ms, Digest, ResultCode};
+
+/// The start-up channel on which shards hand each other index entries.
+type ExchangePair = (Sender<Vec<IndexEntry>>, Receiver<Vec<IndexEntry>>);
+
+/// Fewest data wblocks a device must hold.
+pub const MIN_DATA_WBLOCKS: u64 = 8;
+/// Bytes at the start of a device checked for foreign data before formatting it.
+const FOREIGN_CHECK_BYTES: u64 = 1 << 20;
+
+/// A running namespace: its shards and devices.
+pub struct Engine {
+    shared: Arc<Shared>,
+    devices: Arc<dyn DeviceSet>,
+    senders: Vec<Sender<Msg>>,
+    doorbells: Vec<Arc<Doorbell>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    headers: Mutex<Vec<DeviceHeader>>,
+    previous_clean: bool,
+    stopped: AtomicBool,
+}
+
+impl Engine {
+    /// Open (formatting fresh devices), rebuild the index by cold start, and start the shards.
+    pub fn open(cfg: EngineConfig, devices: Arc<dyn DeviceSet>) -> Result<Engine, EngineError> {
+        cfg.validate()?;
+        let infos = devices.devices().to_vec();
+        if infos.is_empty() || infos.len() as u32 > MAX_DEVICES {
+            return Err(EngineError::Config {
+                key: "devices".into(),
+                reason: format!("{} devices configured; 1..{MAX_DEVICES} allowed", infos.len()),
+            });
+        }
+        let mut io = devices.open_backend(None, 0, 0)?;
+        tracing::info!("namespace {}: I/O: {}", cfg.namespace, io.describe());
+        let headers = prepare_headers(&cfg, &devices, io.as_mut())?;
+        let previous_clean = headers.iter().all(|h| h.clean());
+        tracing::info!(
+            "namespace {}: previous shutdown was {}",
+            cfg.namespace,
+            if previous_clean { "clean" } else { "NOT clean (crash or kill): recovering from the device contents" }
+        );
+        // Mark every device in use (not clean) before anything else is written.
+        let mut headers: Vec<DeviceHeader> = headers;
+        for (d, h) in headers.iter_mut().enumerate() {
+            h.flags &= !HEADER_FLAG_CLEAN;
+            write_header(io.as_mut(), d as u32, h)?;
+        }
+        drop(io);
+
+        let wb = cfg.wblock_bytes as u64;
+        let devs = infos
+            .iter()
+            .zip(&headers)
+            .map(|(info, h)| {
+                let n = (h.device_bytes / wb) as u32;
+                DevShared {
+                    info: info.clone(),
+                    header: h.clone(),
+                    n_wblocks: n,
+                    live: (0..n).map(|_| AtomicU32::new(0)).collect(),
+                    seq: (0..n).map(|_| AtomicU64::new(0)).collect(),
+                }
+            })
+            .collect();
+        let n_shards = cfg.shards;
+        let shared = Arc::new(Shared {
+            devs,
+            n_shards,
+            next_wblock_seq: AtomicU64::new(1),
+            stats: (0..n_shards).map(|_| ShardStats::default()).collect(),
+            cfg,
+        });
+        let mut engine = Engine {
+            shared: shared.clone(),
+            devices: devices.clone(),
+            senders: Vec::new(),
+            doorbells: Vec::new(),
+            threads: Mutex::new(Vec::new()),
+            headers: Mutex::new(headers),
+            previous_clean,
+            stopped: AtomicBool::new(false),
+        };
+        engine.start_shards()?;
+        Ok(engine)
+    }
+
+    fn start_shards(&mut self) -> Result<(), EngineError> {
+        let n = self.shared.n_shards;
+        let barrier = Arc::new(Barrier::new(n));
+        let max_seq = Arc::new(AtomicU64::new(0));
+        let exchange: Vec<ExchangePair> = (0..n).map(|_| unbounded()).collect();
+        let exchange_tx: Vec<Sender<Vec<IndexEntry>>> = exchange.iter().map(|(t, _)| t.clone()).collect();
+        let (ready_tx, ready_rx) = unbounded::<(usize, Result<(), String>)>();
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let mut threads = Vec::new();
+        for (id, (_, ex_rx)) in exchange.into_iter().enumerate() {
+            let (tx, rx) = bounded::<Msg>(self.shared.cfg.channel_capacity);
+            let doorbell = Arc::new(Doorbell::new().map_err(|e| EngineError::Thread(format!("eventfd: {e}")))?);
+            self.senders.push(tx);
+            self.doorbells.push(doorbell.clone());
+            let shared = self.shared.clone();
+            let devices = self.devices.clone();
+            let barrier = barrier.clone();
+            let max_seq = max_seq.clone();
+            let exchange_tx = exchange_tx.clone();
+            let ready_tx = ready_tx.clone();
+            let core = if shared.cfg.pin_threads && !cores.is_empty() { Some(cores[id % cores.len()]) } else { None };
+            let t = std::thread::Builder::new()
+                .name(format!("shard-{id}"))
+                .spawn(move || {
+                    if let Some(c) = core {
+                        core_affinity::set_for_current(c);
+                    }
+                    shard_main(id, shared, devices, barrier, max_seq, exchange_tx, ex_rx, rx, doorbell, ready_tx)
+                })
+                .map_err(|e| EngineError::Thread(e.to_string()))?;
+            threads.push(t);
+        }
+        drop(ready_tx);
+        *self.threads.lock().expect("threads lock") = threads;
+        let mut errors = Vec::new();
+        for _ in 0..n {
+            match ready_rx.recv() {
+                Ok((_, Ok(()))) => {}
+                Ok((id, Err(e))) => errors.push(format!("shard {id}: {e}")),
+                Err(_) => errors.push("a shard thread died during start-up".into()),
+            }
+        }
+        if !errors.is_empty() {
+            self.stopped.store(true, Relaxed);
+            self.senders.clear();
+            for t in self.threads.lock().expect("threads lock").drain(..) {
+                let _ = t.join();
+            }
+            return Err(EngineError::Device(DeviceError::Other(errors.join("; "))));
+        }
+        let st = self.stats();
+        tracing::info!(
+            "namespace {}: ready: {} records, {} tombstones, {} of {} wblocks free, {} damaged records skipped, index {:.1} bytes/record",
+            self.shared.cfg.namespace,
+            st.records,
+            st.tombstones,
+            st.free_wblocks,
+            st.total_wblocks,
+            st.cold_start_corrupt,
+            st.index_bytes_per_record
+        );
+        Ok(())
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.shared.cfg
+    }
+
+    /// The shard that owns a digest's partition.
+    pub fn shard_of(&self, d: &Digest) -> usize {
+        self.shared.shard_of_partition(d.partition())
+    }
+
+    fn send(&self, shard: usize, m: Msg) -> Result<(), Box<Msg>> {
+        self.senders[shard].send(m).map_err(|e| Box::new(e.into_inner()))?;
+        self.doorbells[shard].ring_if_sleeping();
+        Ok(())
+    }
+
+    /// Queue a command; `cb` runs on the shard thread with the reply. Blocks while the
+    /// shard's channel is full (back-pressure).
+    pub fn submit(&self, cmd: Command, cb: impl FnOnce(Reply) + Send + 'static) {
+        let shard = self.shard_of(&cmd.digest);
+        if let Err(m) = self.send(shard, Msg::Cmd(cmd, Box::new(cb))) {
+            if let Msg::Cmd(_, cb) = *m {
+                cb(Reply::error(ResultCode::ServerError));
+            }
+        }
+    }
+
+    /// Run a command and wait for its reply.
+    pub fn execute(&self, cmd: Command) -> Reply {
+        let (tx, rx) = bounded(1);
+        self.submit(cmd, move |r| {
+            let _ = tx.send(r);
+        });
+        rx.recv().unwrap_or_else(|_| Reply::error(ResultCode::ServerError))
+    }
+
+    /// Up to `max` live records of partition `pid` in digest order, after `after`.
+    pub fn scan_partition(&self, pid: u16, after: Option<Digest>, max: usize, with_bins: bool) -> ScanPage {
+        let (tx, rx) = bounded(1);
+        let shard = self.shared.shard_of_partition(pid);
+        let cb = Box::new(move |p: ScanPage| {
+            let _ = tx.send(p);
+        });
+        let failed = ScanPage { result: ResultCode::ServerError, records: Vec::new(), done: true };
+        if self.send(shard, Msg::Scan { pid: pid & 0x0fff, after, max, with_bins, cb }).is_err() {
+            return failed;
+        }
+        rx.recv().unwrap_or(failed)
+    }
+
+    /// Write every buffered record durably on every shard, and wait.
+    pub fn flush(&self) {
+        let (tx, rx) = bounded(self.senders.len());
+        for s in 0..self.senders.len() {
+            let tx = tx.clone();
+            let _ = self.send(
+                s,
+                Msg::Flush(Box::new(move || {
+                    let _ = tx.send(());
+                })),
+            );
+        }
+        drop(tx);
+        while rx.recv().is_ok() {}
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats::collect(&self.shared, self.previous_clean)
+    }
+
+    /// Flush, stop the shards and mark the devices clean.
+    pub fn shutdown(&self) -> Result<(), EngineError> {
+        if self.stopped.swap(true, Relaxed) {
+            return Ok(());
+        }
+        self.stop_shards(false);
+        if self.stats().read_only {
+            tracing::warn!("namespace {}: not marking devices clean: a write failed", self.shared.cfg.namespace);
+            return Ok(());
+        }
+        let mut io = self.devices.open_backend(None, 0, 0)?;
+        let mut headers = self.headers.lock().expect("headers lock");
+        for (d, h) in headers.iter_mut().enumerate() {
+            h.flags |= HEADER_FLAG_CLEAN;
+            write_header(io.as_mut(), d as u32, h)?;
+        }
+        tracing::info!("namespace {}: shut down cleanly", self.shared.cfg.namespace);
+        Ok(())
+    }
+
+    /// Stop the shards at once without flushing or marking the devices clean, as a crash
+    /// would (for tests of recovery).
+    pub fn crash(&self) {
+        if !self.stopped.swap(true, Relaxed) {
+            self.stop_shards(true);
+        }
+    }
+
+    fn stop_shards(&self, abort: bool) {
+        let (tx, rx) = bounded(self.senders.len());
+        for s in 0..self.senders.len() {
+            let tx = tx.clone();
+            let done: Box<dyn FnOnce() + Send> = Box::new(move || {
+                let _ = tx.send(());
+            });
+            let _ = self.send(s, if abort { Msg::Abort(done) } else { Msg::Stop(done) });
+        }
+        drop(tx);
+        while rx.recv().is_ok() {}
+        for t in self.threads.lock().expect("threads lock").drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            tracing::error!("shutdown failed: {e}");
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn shard_main(
+    id: usize,
+    shared: Arc<Shared>,
+    devices: Arc<dyn DeviceSet>,
+    barrier: Arc<Barrier>,
+    max_seq: Arc<AtomicU64>,
+    exchange_tx: Vec<Sender<Vec<IndexEntry>>>,
+    exchange_rx: Receiver<Vec<IndexEntry>>,
+    rx: Receiver<Msg>,
+    doorbell: Arc<Doorbell>,
+    ready: Sender<(usize, Result<(), String>)>,
+) {
+    let n = shared.n_shards;
+    let cfg = &shared.cfg;
+    let slots = (cfg.max_write_cache_bytes / n as u64 / cfg.wblock_bytes as u64) as usize + shared.devs.len();
+    let mut result: Result<(), String> = Ok(());
+    let mut io: Option<Box<dyn IoBackend>> =
+        match devices.open_backend(Some(doorbell.raw_fd()), cfg.wblock_bytes as usize, slots) {
+            Ok(io) => Some(io),
+            Err(e) => {
+                result = Err(e.to_string());
+                None
+            }
+        };
+    // Phase 1: scan this shard's slice.
+    let mut index = crate::index::Index::new();
+    if let Some(io) = io.as_mut() {
+        match scan_slice(io.as_mut(), &shared, id) {
+            Ok(s) => {
+                max_seq.fetch_max(s.max_seq, Relaxed);
+                index = s.index;
+            }
+            Err(e) => result = Err(e.to_string()),
+        }
+    }
+    barrier.wait();
+    // Phase 2: hand entries of partitions owned by other shards to their owners; keep the
+    // newest copy of each digest.
+    for (t, tx) in exchange_tx.iter().enumerate() {
+        if t == id {
+            continue;
+        }
+        let mut out = Vec::new();
+        for pid in (t..crate::types::N_PARTITIONS).step_by(n) {
+            if index.partition_len(pid as u16) > 0 {
+                out.extend(index.drain_partition(pid as u16));
+            }
+        }
+        let _ = tx.send(out);
+    }
+    drop(exchange_tx);
+    for _ in 1..n {
+        if let Ok(batch) = exchange_rx.recv() {
+            for e in batch {
+                keep_newest(&mut index, e);
+            }
+        }
+    }
+    for pid in (id..crate::types::N_PARTITIONS).step_by(n) {
+        for e in index.partition_entries(pid as u16) {
+            let w = (e.loc.offset / shared.wblock_bytes()) as u32;
+            shared.add_live(e.loc.dev, w, e.loc.size);
+        }
+    }
+    barrier.wait();
+    if id == 0 {
+        let max_w = shared.devs.iter().flat_map(|d| d.seq.iter().map(|s| s.load(Relaxed))).max().unwrap_or(0);
+        shared.next_wblock_seq.store(max_w + 1, Relaxed);
+    }
+    barrier.wait();
+    let Some(io) = io.filter(|_| result.is_ok()) else {
+        let _ = ready.send((id, result));
+        return;
+    };
+    let next_seq = max_seq.load(Relaxed) + 1;
+    let shard = Shard::new(id, shared, io, index, next_seq, rx, doorbell);
+    let _ = ready.send((id, Ok(())));
+    shard.run();
+}
+
+/// Read, check or create the header of every device.
+fn prepare_headers(
+    cfg: &EngineConfig,
+    devices: &Arc<dyn DeviceSet>,
+    io: &mut dyn IoBackend,
+) -> Result<Vec<DeviceHeader>, EngineError> {
+    let wb = cfg.wblock_bytes as u64;
+    let n_devices = devices.devices().len() as u32;
+    let signature: u64 = rand::random();
+    let mut out = Vec::new();
+    for (d, info) in devices.devices().iter().enumerate() {
+        let needed = wb * (1 + MIN_DATA_WBLOCKS.max(2 * cfg.shards as u64));
+        if info.size_bytes < needed {
+            return Err(DeviceError::TooSmall {
+                path: info.path.clone(),
+                size: info.size_bytes,
+                needed,
+                min_wblocks: MIN_DATA_WBLOCKS.max(2 * cfg.shards as u64),
+                wblock_bytes: wb,
+            }
+            .into());
+        }
+        let found = read_header(io, d as u32, &info.path)?;
+        let h = match found {
+            Some(h) => {
+                if h.namespace != cfg.namespace {
+                    return Err(EngineError::WrongNamespace {
+                        path: info.path.clone(),
+                        found: h.namespace,
+                        expected: cfg.namespace.clone(),
+                    });
+                }
+                if h.wblock_bytes != cfg.wblock_bytes {
+                    return Err(EngineError::WrongWblockSize {
+                        path: info.path.clone(),
+                        found: h.wblock_bytes,
+                        expected: cfg.wblock_bytes,
+                    });
+                }
+                if h.device_index != d as u32 || h.n_devices != n_devices {
+                    return Err(EngineError::WrongDeviceSlot {
+                        path: info.path.clone(),
+                        found_index: h.device_index,
+                        found_count: h.n_devices,
+                        expected_index: d as u32,
+                        expected_count: n_devices,
+                    });
+                }
+                if h.device_bytes > info.size_bytes {
+                    return Err(EngineError::Config {
+                        key: "devices".into(),
+                        reason: format!(
+                            "{} was formatted for {} bytes but is now only {} bytes",
+                            info.path, h.device_bytes, info.size_bytes
+                        ),
+                    });
+                }
+                h
+            }
+            None => {
+                check_blank(io, d as u32, info.path.as_str(), info.size_bytes)?;
+                let usable = (info.size_bytes.min(MAX_DEVICE_BYTES) / wb) * wb;
+                let h = DeviceHeader {
+                    write_seq: 0,
+                    device_id: rand::random(),
+                    namespace: cfg.namespace.clone(),
+                    wblock_bytes: cfg.wblock_bytes,
+                    device_index: d as u32,
+                    n_devices,
+                    flags: HEADER_FLAG_CLEAN,
+                    device_bytes: usable,
+                    format_time_ms: now_cl_ms(),
+                    namespace_signature: signature,
+                };
+                tracing::info!(
+                    "{}: blank device, formatting for namespace {} ({} MiB, {} write blocks of {} KiB)",
+                    info.path,
+                    cfg.namespace,
+                    usable >> 20,
+                    usable / wb - 1,
+                    wb >> 10
+                );
+                h
+            }
+        };
+        out.push(h);
+    }
+    if out.iter().any(|h| h.namespace_signature != out[0].namespace_signature && h.write_seq > 0) {
+        tracing::warn!(
+            "namespace {}: devices were formatted at different times (signatures differ); continuing",
+            cfg.namespace
+        );
+    }
+    Ok(out)
+}
+
+/// The newest valid header copy, `None` for a blank device; an error for damaged headers.
+fn read_header(io: &mut dyn IoBackend, dev: u32, path: &str) -> Result<Option<DeviceHeader>, EngineError> {
+    let buf = AlignedBuf::new(2 * HEADER_COPY_STRIDE as usize);
+    let c = run_sync(io, IoRequest { tag: 0, dev, offset: 0, op: IoOp::Read { buf } })?;
+    c.result?;
+    let IoOp::Read { buf } = c.op else { unreachable!("read returns its buffer") };
+    let copies = [
+        DeviceHeader::decode(&buf[..HEADER_COPY_STRIDE as usize]),
+        DeviceHeader::decode(&buf[HEADER_COPY_STRIDE as usize..]),
+    ];
+    let best = copies.iter().filter_map(|c| c.as_ref().ok()).max_by_key(|h| h.write_seq).cloned();
+    if best.is_some() {
+        return Ok(best);
+    }
+    use crate::error::FormatError;
+    for c in &copies {
+        match c {
+            Err(FormatError::Version { found, supported }) => {
+                return Err(EngineError::UnsupportedVersion { path: path.into(), found: *found, supported: *supported })
+            }
+            Err(FormatError::BadMagic) => {}
+            Err(e) => return Err(EngineError::CorruptHeader { path: path.into(), reason: e.to_string() }),
+            Ok(_) => {}
+        }
+    }
+    Ok(None)
+}
+
+/// Refuse a device whose first bytes are not all zero.
+fn check_blank(io: &mut dyn IoBackend, dev: u32, path: &str, size: u64) -> Result<(), EngineError> {
+    let len = FOREIGN_CHECK_BYTES.min(size) as usize;
+    let buf = AlignedBuf::new(len);
+    let c = run_sync(io, IoRequest { tag: 0, dev, offset: 0, op: IoOp::Read { buf } })?;
+    c.result?;
+    let IoOp::Read { buf } = c.op else { unreachable!("read returns its buffer") };
+    if let Some(off) = buf.iter().position(|&b| b != 0) {
+        return Err(EngineError::ForeignData { path: path.into(), offset: off as u64 });
+    }
+    Ok(())
+}
+
+/// Write `h` (with its write sequence advanced) over the older of the two header copies,
+/// durably, so a torn header write always leaves the other copy intact.
+fn write_header(io: &mut dyn IoBackend, dev: u32, h: &mut DeviceHeader) -> Result<(), EngineError> {
+    h.write_seq += 1;
+    let slot = h.write_seq % 2;
+    let buf = WBuf::new(AlignedBuf::new(HEADER_COPY_STRIDE as usize));
+    buf.write_at(0, &h.encode());
+    buf.freeze_to(HEADER_COPY_STRIDE as usize);
+    let c = run_sync(
+        io,
+        IoRequest {
+            tag: 0,
+            dev,
+            offset: slot * HEADER_COPY_STRIDE,
+            op: IoOp::Write { buf: std::rc::Rc::new(buf), start: 0, end: HEADER_COPY_STRIDE as usize, dsync: true },
+        },
+    )?;
+    c.result?;
+    Ok(())
+}
+
+/// Destroy the Ferrospike format (and with it all data) on every device: zero both header
+/// copies and the first write block. Records left further in become unreadable, because
+/// the next format picks a new random device id that every record checksum covers.
+pub fn erase_devices(devices: &dyn DeviceSet) -> Result<(), EngineError> {
+    let mut io = devices.open_backend(None, 0, 0)?;
+    for (d, info) in devices.devices().iter().enumerate() {
+        let len = FOREIGN_CHECK_BYTES.min(info.size_bytes) as usize;
+        let buf = WBuf::new(AlignedBuf::new(len));
+        buf.freeze_to(len);
+        let c = run_sync(
+            io.as_mut(),
+            IoRequest {
+                tag: 0,
+                dev: d as u32,
+                offset: 0,
+                op: IoOp::Write { buf: std::rc::Rc::new(buf), start: 0, end: len, dsync: true },
+            },
+        )?;
+        c.result?;
+        tracing::warn!("{}: erased", info.path);
+    }
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! The OS boundary: devices, the io_uring backend, and the simulated backend.
+//!
+//! Everything above this module talks to storage through [`IoBackend`], one instance per
+//! shard thread (backends are not `Send`: a ring belongs to the thread that created it).
+//! A [`DeviceSet`] is the shareable description of a namespace's devices and the factory of
+//! backends; the engine creates one backend per shard on the shard's own thread.
+//!
+//! Contract shared by both backends:
+//! - `push` never blocks and never fails; the request is handed to the device by the next
+//!   `submit_and_wait`. The caller bounds how much it pushes (see `IoLimits`).
+//! - Every pushed request produces exactly one [`IoCompletion`] with the same `tag`, carrying
+//!   the request's buffers back, so the caller regains ownership of them.
+//! - Errno handling lives in the backend, in one table: `EINTR`/`EAGAIN` are resubmitted, short
+//!   transfers are continued for the remainder, a zero-byte write is an error, `EINVAL` means an
+//!   alignment bug (reported as [`DeviceError::Misaligned`] naming the offset). A completion's
+//!   result is `Ok(len)` only when all requested bytes were transferred.
+//! - Reads past the end of a device are a caller bug (asserted).
+
+mod buf;
+mod device;
+mod doorbell;
+pub mod sim;
+mod uring;
+
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+pub use buf::{AlignedBuf, WBuf};
+pub use device::{open_devices, probe_uring, DeviceSpec, FileDevices};
+pub use doorbell::Doorbell;
+pub use sim::{SimDevices, SimDisk, SimFaults};
+
+use crate::error::DeviceError;
+
+/// Index of a device within its namespace.
+pub type DevId = u32;
+
+/// What the engine needs to know about one device.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    /// Path for logs and messages (`sim:N` for simulated disks).
+    pub path: String,
+    /// Usable size in bytes.
+    pub size_bytes: u64,
+    /// Alignment (and size granularity) every O_DIRECT transfer must honour: the largest of
+    /// the logical block size and the DIO alignment the kernel reports.
+    pub io_align: u32,
+    /// Physical block size as reported (informational).
+    pub physical_block: u32,
+    /// True for a raw block device, false for a regular file or a simulated disk.
+    pub is_block_device: bool,
+}
+
+/// One I/O request. `offset` and lengths must be multiples of the device's `io_align`.
+#[derive(Debug)]
+pub struct IoRequest {
+    pub tag: u64,
+    pub dev: DevId,
+    pub offset: u64,
+    pub op: IoOp,
+}
+
+/// The operation and the buffers it owns until its completion returns them.
+#[derive(Debug)]
+pub enum IoOp {
+    /// Read `buf.len()` bytes at `offset` into `buf`.
+    Read { buf: AlignedBuf },
+    /// Write `buf[start..end]` to `offset`. `[start, end)` must be frozen in `buf`
+    /// (see [`WBuf::freeze_to`]), so the caller cannot change it while the device reads it.
+    /// With `dsync` the write is durable when it completes (`RWF_DSYNC`).
+    Write { buf: std::rc::Rc<WBuf>, start: usize, end: usize, dsync: bool },
+    /// Make every completed write on `dev` durable.
+    Fsync,
+}
+
+/// The result of one request; `op` gives the buffers back.
+#[derive(Debug)]
+pub struct IoCompletion {
+    pub tag: u64,
+    pub dev: DevId,
+    pub offset: u64,
+    pub result: Result<usize, DeviceError>,
+    pub op: IoOp,
+}
+
+/// A per-shard I/O queue: the real io_uring or the simulated disk.
+pub trait IoBackend {
+    /// Queue a request; it is submitted by the next `submit_and_wait`.
+    fn push(&mut self, req: IoRequest);
+
+    /// Submit what is queued. When `wait` is true, block until at least one completion is
+    /// ready, the doorbell given at creation is rung, or `timeout` passes (None: no limit).
+    /// Returns an error only when the ring itself fails (not for failed I/O requests).
+    fn submit_and_wait(&mut self, wait: bool, timeout: Option<Duration>) -> Result<(), DeviceError>;
+
+    /// Move finished requests into `out`. Returns true if the doorbell was rung since the last
+    /// call (the backend then re-arms it and resets the eventfd counter).
+    fn reap(&mut self, out: &mut Vec<IoCompletion>) -> bool;
+
+    /// Requests pushed whose completions have not been reaped yet.
+    fn in_flight(&self) -> usize;
+
+    /// An aligned buffer of `len` bytes for I/O, zero-filled; from the registered arena when
+    /// one is available and `len` matches its slot size, else a plain allocation.
+    fn alloc(&mut self, len: usize) -> AlignedBuf;
+
+    /// Return a buffer obtained from `alloc` (arena slots go back to the arena).
+    fn free(&mut self, buf: AlignedBuf);
+
+    /// A one-line description for logs (ring flags, registered buffers or why not).
+    fn describe(&self) -> String;
+}
+
+/// The devices of one namespace, shareable across shard threads.
+pub trait DeviceSet: Send + Sync {
+    fn devices(&self) -> &[DeviceInfo];
+
+    /// Create the backend for one shard, on the calling thread. `doorbell` is an eventfd the
+    /// backend watches while waiting (its counter is drained by the backend when it fires).
+    /// `arena_slot_bytes`/`arena_slots` ask for a registered buffer arena of that shape.
+    fn open_backend(
+        &self,
+        doorbell: Option<RawFd>,
+        arena_slot_bytes: usize,
+        arena_slots: usize,
+    ) -> Result<Box<dyn IoBackend>, DeviceError>;
+}
+
+/// Run one request to completion on `io` (start-up and shutdown paths only).
+pub fn run_sync(io: &mut dyn IoBackend, req: IoRequest) -> Result<IoCompletion, DeviceError> {
+    let tag = req.tag;
+    io.push(req);
+    let mut out = Vec::with_capacity(1);
+    loop {
+        io.submit_and_wait(true, Some(Duration::from_millis(100)))?;
+        io.reap(&mut out);
+        if let Some(i) = out.iter().position(|c| c.tag == tag) {
+            return Ok(out.swap_remove(i));
+        }
+    }
+}

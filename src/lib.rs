@@ -1,0 +1,1 @@
+//! Ferrospike end-to-end tests and benchmarks live in `tests/` and `benches/`.
