@@ -41,13 +41,18 @@ pub fn scan_wblock(buf: &[u8], device_id: u64, dev_index: u32, w: u32) -> Wblock
         .filter(|h| h.device_id == device_id && h.wblock_id == w && h.device_index == dev_index)
         .map_or(0, |h| h.wblock_seq);
     let mut found = Vec::new();
+    // Damaged runs: stretches of non-zero bytes that are not verified records, each with the
+    // wblock sequence claimed by the bad record it starts with (None: it starts with garbage).
+    let mut runs: Vec<(usize, Option<u64>)> = Vec::new();
+    let mut in_run = false;
     let mut pos = WBLOCK_HEADER_BYTES;
     while pos + RECORD_HEADER_BYTES <= buf.len() {
         if pos.is_multiple_of(4096) && buf[pos..(pos + 4096).min(buf.len())].iter().all(|&b| b == 0) {
             pos += 4096;
             continue;
         }
-        if buf[pos..pos + 4] == RECORD_MAGIC {
+        let chunk = &buf[pos..pos + 16];
+        if chunk[..4] == RECORD_MAGIC {
             let claimed = claimed_wblock_seq(&buf[pos..]);
             let loc =
                 RecordLoc { device_id, device_index: dev_index, wblock_id: w, wblock_seq: claimed, offset: pos as u32 };
@@ -57,21 +62,37 @@ pub fn scan_wblock(buf: &[u8], device_id: u64, dev_index: u32, w: u32) -> Wblock
                     let has_key = buf[pos + 12] & crate::format::REC_FLAG_HAS_KEY != 0;
                     found.push((meta, pos as u32, plen as u32, has_key, claimed));
                     pos += plen;
+                    in_run = false;
                     continue;
                 }
-                Err(_) => out.corrupt += 1,
+                Err(_) => {
+                    if !in_run {
+                        runs.push((pos, Some(claimed)));
+                        in_run = true;
+                    }
+                }
             }
+        } else if !in_run && chunk.iter().any(|&b| b != 0) {
+            runs.push((pos, None));
+            in_run = true;
         }
         pos += 16;
     }
     out.seq = found.iter().map(|f| f.4).max().unwrap_or(0).max(header_seq);
+    let mut current_end = 0usize;
     for (meta, off, plen, has_key, claimed) in found {
         if claimed == out.seq {
+            current_end = current_end.max(off as usize + plen as usize);
             out.records.push((meta, off, plen, has_key));
         } else {
             out.stale += 1;
         }
     }
+    // A damaged run counts as a damaged record when it lies inside the part of the wblock
+    // the current use has written (before its last good record), or starts with a record
+    // that claims the current use. Non-zero bytes after the current use's last record are
+    // leftovers of an earlier use, not damage.
+    out.corrupt = runs.iter().filter(|(p, claimed)| *p < current_end || *claimed == Some(out.seq)).count() as u64;
     out
 }
 
@@ -223,7 +244,7 @@ mod tests {
         let s = scan_wblock(&buf, 9, 0, 3);
         let digests: Vec<u8> = s.records.iter().map(|r| r.0.digest.0[0]).collect();
         assert_eq!(digests, vec![3]);
-        assert_eq!(s.corrupt, 1, "record 1's magic survived, its body did not");
+        assert_eq!(s.corrupt, 1, "records 1 and 2 form one damaged stretch");
         // Wrong device id: nothing verifies.
         let s = scan_wblock(&image(5, &[(1, 10)], wb), 8, 0, 3);
         assert!(s.records.is_empty());

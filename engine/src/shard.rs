@@ -189,6 +189,9 @@ impl Shard {
         let stats = &shared.stats[id];
         stats.free_wblocks.store(n_free, Relaxed);
         stats.total_wblocks.store(n_mine, Relaxed);
+        stats.records.store(index.records(), Relaxed);
+        stats.tombstones.store(index.tombstones(), Relaxed);
+        stats.index_bytes.store(index.memory_bytes(), Relaxed);
         Shard {
             id,
             io,
@@ -287,6 +290,7 @@ impl Shard {
                         self.stopping = Some(done);
                     } else {
                         self.publish_stats();
+                        self.release_buffers();
                         done();
                         return;
                     }
@@ -294,7 +298,18 @@ impl Shard {
                     self.stopping = Some(done);
                 }
             }
-            let idle = did == 0;
+            let mut idle = did == 0;
+            if idle && self.stopping.is_none() {
+                // Spin briefly on the channel before paying for a sleep and a doorbell.
+                let spin_until = Instant::now() + Duration::from_micros(self.shared.cfg.spin_us);
+                while Instant::now() < spin_until {
+                    if !self.rx.is_empty() {
+                        idle = false;
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+            }
             if idle {
                 self.doorbell.prepare_sleep();
                 if !self.rx.is_empty() && self.stopping.is_none() {
@@ -706,6 +721,16 @@ impl Shard {
             if let Ok(wbuf) = Rc::try_unwrap(mw.buf) {
                 self.io.free(wbuf.into_inner());
             }
+        }
+    }
+
+    /// Give every wblock buffer back to the backend (arena slots must return before the
+    /// ring goes away).
+    fn release_buffers(&mut self) {
+        self.open.iter_mut().for_each(|o| drop(o.take()));
+        let keys: Vec<(u32, u32)> = self.mem.keys().copied().collect();
+        for (d, w) in keys {
+            self.drop_from_memory(d, w);
         }
     }
 

@@ -95,8 +95,7 @@ pub fn gen_bins(seed: u64, i: u64) -> Vec<Bin> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let exp: f64 = rng.gen_range(4.0..16.6); // 2^4 = 16 B .. 2^16.6 ≈ 100 KiB
     let size = (2f64.powf(exp) as usize).min(100 * 1024);
-    let mut blob = vec![0u8; size];
-    rng.fill(&mut blob[..]);
+    let blob = pattern(rng.gen(), size);
     let mut bins = vec![Bin::new("blob", Value::Blob(blob)), Bin::new("i", Value::Int(rng.gen()))];
     match i % 8 {
         0 => bins.push(Bin::new("f", Value::Float(rng.gen::<f64>() * 1e6))),
@@ -112,4 +111,73 @@ pub fn gen_bins(seed: u64, i: u64) -> Vec<Bin> {
         _ => bins.push(Bin::new("py", Value::Other(9, vec![0x80, 0x04, 0x4b, 0x01]))),
     }
     bins
+}
+
+/// `len` pseudo-random bytes from `seed` (xorshift; cheap even in debug builds).
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A device for a test: a loop device when the test runs as root and one can be set up,
+/// else a file; says which on stderr.
+pub fn loop_or_file(dir: &TestDir, size: u64) -> (ferrospike_engine::io::DeviceSpec, Option<LoopDevice>) {
+    match LoopDevice::create(&dir.0, size) {
+        Ok(l) => {
+            eprintln!("using loop device {} ({} MiB, direct-io on)", l.dev.display(), size >> 20);
+            (l.spec(), Some(l))
+        }
+        Err(why) => {
+            eprintln!("NO LOOP DEVICE ({why}): falling back to a file device");
+            (file_spec(dir, "fallback.dat", size), None)
+        }
+    }
+}
+
+/// Run commands with up to `depth` in flight, calling `on_reply` with each command's index.
+/// DEVICE_OVERLOAD (the engine's back-pressure) is retried after a short pause, as a client
+/// would.
+pub fn pipeline(
+    engine: &ferrospike_engine::Engine,
+    cmds: impl Iterator<Item = ferrospike_engine::Command>,
+    depth: usize,
+    mut on_reply: impl FnMut(usize, ferrospike_engine::Reply),
+) {
+    use std::collections::HashMap;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let mut pending: HashMap<usize, ferrospike_engine::Command> = HashMap::new();
+    let submit = |i: usize, cmd: ferrospike_engine::Command| {
+        let tx = tx.clone();
+        engine.submit(cmd, move |r| {
+            let _ = tx.send((i, r));
+        });
+    };
+    let mut wait_one = |pending: &mut HashMap<usize, ferrospike_engine::Command>| {
+        let (j, r): (usize, ferrospike_engine::Reply) = rx.recv().expect("reply");
+        if r.result == ferrospike_engine::ResultCode::DeviceOverload {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            submit(j, pending[&j].clone());
+        } else {
+            pending.remove(&j);
+            on_reply(j, r);
+        }
+    };
+    for (i, cmd) in cmds.enumerate() {
+        while pending.len() >= depth {
+            wait_one(&mut pending);
+        }
+        pending.insert(i, cmd.clone());
+        submit(i, cmd);
+    }
+    while !pending.is_empty() {
+        wait_one(&mut pending);
+    }
 }

@@ -740,6 +740,10 @@ impl Drop for UringBackend {
             // Nothing is in flight; failing to unregister is harmless (closing the ring does it).
             let _ = self.ring.submitter().unregister_buffers();
         }
+        // Closing a ring releases its registered files asynchronously (in a kernel work
+        // item), which would keep an O_EXCL block device busy for a moment after the engine
+        // stops; unregistering is synchronous, so a restart can reopen the device at once.
+        let _ = self.ring.submitter().unregister_files();
     }
 }
 
