@@ -26,26 +26,34 @@ struct KeyModel {
 
 #[test]
 fn sigkill_loses_no_acknowledged_write() {
+    crash_rounds("crash", SIZE, None, 4, 1500);
+}
+
+/// The same on a device small enough that defrag runs all the time, so kills land while
+/// wblocks are being defragmented and reused.
+#[test]
+fn sigkill_during_defrag_loses_no_acknowledged_write() {
+    crash_rounds("crash-defrag", 24 << 20, Some((128 << 10, 1 << 20)), 3, 12_000);
+}
+
+fn crash_rounds(name: &str, size: u64, wblock_and_cache: Option<(u32, u64)>, rounds: u64, kill_base: u64) {
     common::init_logs();
-    let dir = common::TestDir::new("crash");
+    let dir = common::TestDir::new(name);
     let path = dir.path("dev.dat");
     let mut model: HashMap<u64, KeyModel> = HashMap::new();
     let mut first = 1u64;
-    for round in 0..4 {
-        let mut child = Proc::new(env!("CARGO_BIN_EXE_crash_writer"))
-            .arg(&path)
-            .arg(SIZE.to_string())
-            .arg(WORKERS.to_string())
-            .arg(first.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn crash_writer");
+    for round in 0..rounds {
+        let mut proc = Proc::new(env!("CARGO_BIN_EXE_crash_writer"));
+        proc.arg(&path).arg(size.to_string()).arg(WORKERS.to_string()).arg(first.to_string());
+        if let Some((wb, cache)) = wblock_and_cache {
+            proc.arg(wb.to_string()).arg(cache.to_string());
+        }
+        let mut child = proc.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn crash_writer");
         let pid = child.id();
         let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
         let started = Instant::now();
         let mut acks = 0u64;
-        let kill_after = 1500 + round * 700;
+        let kill_after = kill_base + round * 700;
         let mut killed = false;
         let mut apply = |line: &str, model: &mut HashMap<u64, KeyModel>| -> bool {
             let f: Vec<&str> = line.split_whitespace().collect();
@@ -67,8 +75,12 @@ fn sigkill_loses_no_acknowledged_write() {
             }
             false
         };
+        let mut failures = Vec::new();
         for line in lines.by_ref() {
             let line = line.expect("line");
+            if line.starts_with('F') {
+                failures.push(line.clone());
+            }
             if apply(&line, &mut model) {
                 acks += 1;
             }
@@ -79,6 +91,11 @@ fn sigkill_loses_no_acknowledged_write() {
             }
         }
         let status = child.wait().expect("wait");
+        assert!(
+            failures.is_empty(),
+            "round {round}: writes failed before the kill: {:?}",
+            &failures[..failures.len().min(5)]
+        );
         assert!(killed && acks >= kill_after, "round {round}: writer exited by itself ({status:?}) after {acks} acks");
         eprintln!("round {round}: killed the writer after {acks} acknowledged writes");
         first += 1_000_000;
@@ -86,7 +103,10 @@ fn sigkill_loses_no_acknowledged_write() {
         // Recover in this process and check every key.
         let mut cfg = EngineConfig::new("test");
         cfg.shards = 2;
-        let devs = open_devices(&[DeviceSpec { path: path.clone(), file_size: Some(SIZE) }], 256).unwrap();
+        if let Some((wb, _)) = wblock_and_cache {
+            cfg.wblock_bytes = wb;
+        }
+        let devs = open_devices(&[DeviceSpec { path: path.clone(), file_size: Some(size) }], 256).unwrap();
         let engine = Engine::open(cfg, Arc::new(devs)).expect("recovery");
         assert!(!engine.stats().previous_shutdown_clean);
         for (key, m) in model.iter_mut() {
@@ -112,7 +132,12 @@ fn sigkill_loses_no_acknowledged_write() {
             m.acked = Some(found);
             m.in_flight.clear();
         }
-        assert_eq!(engine.stats().read_errors, 0);
+        let st = engine.stats();
+        assert_eq!(st.read_errors, 0);
+        eprintln!(
+            "round {round}: recovered {} records, {} tombstones, {} damaged skipped",
+            st.records, st.tombstones, st.cold_start_corrupt
+        );
         engine.shutdown().unwrap();
     }
 }

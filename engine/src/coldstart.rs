@@ -151,6 +151,8 @@ pub(crate) fn scan_slice(io: &mut dyn IoBackend, shared: &Shared, shard: usize) 
             let scan = scan_wblock(&buf, dev.header.device_id, d, w);
             spare.push(buf);
             dev.seq[w as usize].store(scan.seq, Relaxed);
+            let min_data = scan.records.iter().filter(|r| !r.0.tombstone).map(|r| r.0.seq).min().unwrap_or(u64::MAX);
+            dev.min_seq[w as usize].store(min_data, Relaxed);
             stats.cold_corrupt.fetch_add(scan.corrupt, Relaxed);
             stats.cold_stale.fetch_add(scan.stale, Relaxed);
             stats.cold_records.fetch_add(scan.records.len() as u64, Relaxed);
@@ -167,6 +169,7 @@ pub(crate) fn scan_slice(io: &mut dyn IoBackend, shared: &Shared, shard: usize) 
                         generation: meta.generation,
                         tombstone: meta.tombstone,
                         key_stored: has_key,
+                        fresh: false,
                     },
                 );
             }

@@ -25,6 +25,18 @@ pub struct EngineConfig {
     pub max_write_cache_bytes: u64,
     /// `default-ttl` in seconds; 0 = never expire.
     pub default_ttl_secs: u32,
+    /// `defrag-lwm-pct`: wblocks whose live bytes fall below this share are defragmented.
+    pub defrag_lwm_pct: u32,
+    /// `defrag-sleep`: pause between two defragmented wblocks, in microseconds (bounds the
+    /// share of the device defrag takes).
+    pub defrag_sleep_us: u64,
+    /// Free wblocks per device and shard that only defrag may use.
+    pub defrag_reserve_wblocks: usize,
+    /// `stop-writes-avail-pct`: below this share of free wblocks client writes get
+    /// OUT_OF_SPACE (8); reads and deletes go on.
+    pub stop_writes_avail_pct: u32,
+    /// `nsup-period`: seconds between expiry sweeps; 0 disables them.
+    pub nsup_period_secs: u64,
     /// io_uring submission queue entries per shard.
     pub ring_entries: u32,
     /// Bounded capacity of each shard's request channel.
@@ -47,6 +59,11 @@ impl EngineConfig {
             post_write_cache_bytes: 64 << 20,
             max_write_cache_bytes: 64 << 20,
             default_ttl_secs: 0,
+            defrag_lwm_pct: 50,
+            defrag_sleep_us: 1000,
+            defrag_reserve_wblocks: 2,
+            stop_writes_avail_pct: 5,
+            nsup_period_secs: 120,
             ring_entries: 256,
             channel_capacity: 4096,
             cold_start_queue_depth: 8,
@@ -75,6 +92,12 @@ impl EngineConfig {
         }
         if self.max_write_cache_bytes < w as u64 {
             return bad("max-write-cache", format!("must be at least one write block ({w} bytes)"));
+        }
+        if self.defrag_lwm_pct == 0 || self.defrag_lwm_pct > 99 {
+            return bad("defrag-lwm-pct", format!("{} is out of range 1..99", self.defrag_lwm_pct));
+        }
+        if self.stop_writes_avail_pct > 50 {
+            return bad("stop-writes-avail-pct", format!("{} is out of range 0..50", self.stop_writes_avail_pct));
         }
         if self.ring_entries < 8 || !self.ring_entries.is_power_of_two() {
             return bad("ring-entries", "must be a power of two, at least 8".into());

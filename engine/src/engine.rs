@@ -78,6 +78,8 @@ impl Engine {
                     n_wblocks: n,
                     live: (0..n).map(|_| AtomicU32::new(0)).collect(),
                     seq: (0..n).map(|_| AtomicU64::new(0)).collect(),
+                    min_seq: (0..n).map(|_| AtomicU64::new(u64::MAX)).collect(),
+                    writer: (0..n).map(|_| AtomicU32::new(crate::shared::NO_WRITER)).collect(),
                 }
             })
             .collect();

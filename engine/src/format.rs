@@ -350,6 +350,16 @@ pub fn verify_record(b: &[u8], loc: &RecordLoc, max_len: usize) -> Result<(Recor
     ))
 }
 
+/// Whether an encoded record is a tombstone (header flag; not verified).
+pub fn is_tombstone(b: &[u8]) -> bool {
+    b[12] & REC_FLAG_TOMBSTONE != 0
+}
+
+/// The ordering sequence of an encoded record (not verified).
+pub fn record_seq(b: &[u8]) -> u64 {
+    get_u64(b, 24)
+}
+
 /// The wblock sequence a record claims (checksum not verified).
 pub fn claimed_wblock_seq(b: &[u8]) -> u64 {
     get_u64(b, 16)

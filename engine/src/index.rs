@@ -59,6 +59,9 @@ pub struct IndexEntry {
     pub generation: u16,
     pub tombstone: bool,
     pub key_stored: bool,
+    /// The record was created when the index had no entry for its digest, so no older data
+    /// copy of it exists on the device (it may be dropped at expiry without a tombstone).
+    pub fresh: bool,
 }
 
 pub const SEQ_BITS: u32 = 48;
@@ -66,6 +69,7 @@ const LUT_BITS: u32 = 40;
 
 const F_TOMBSTONE: u8 = 0x1;
 const F_KEY: u8 = 0x2;
+const F_FRESH: u8 = 0x4;
 const F_FREE: u8 = 0x80;
 
 /// Packed arena slot: 46 bytes, alignment 1.
@@ -100,7 +104,7 @@ impl Slot {
         s.lut.copy_from_slice(&e.last_update_ms.to_le_bytes()[..5]);
         s.void_time = e.void_time.to_le_bytes();
         s.generation = e.generation.to_le_bytes();
-        s.flags = (e.tombstone as u8 * F_TOMBSTONE) | (e.key_stored as u8 * F_KEY);
+        s.flags = (e.tombstone as u8 * F_TOMBSTONE) | (e.key_stored as u8 * F_KEY) | (e.fresh as u8 * F_FRESH);
         s
     }
 
@@ -118,6 +122,7 @@ impl Slot {
             generation: u16::from_le_bytes(self.generation),
             tombstone: self.flags & F_TOMBSTONE != 0,
             key_stored: self.flags & F_KEY != 0,
+            fresh: self.flags & F_FRESH != 0,
         }
     }
 
@@ -329,6 +334,7 @@ mod tests {
             generation: (i % 65535) as u16 + 1,
             tombstone: i.is_multiple_of(10),
             key_stored: i.is_multiple_of(2),
+            fresh: i.is_multiple_of(3),
         }
     }
 

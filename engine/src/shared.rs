@@ -17,7 +17,19 @@ pub(crate) struct DevShared {
     pub live: Box<[AtomicU32]>,
     /// Write sequence of each wblock's current contents (0 = never written).
     pub seq: Box<[AtomicU64]>,
+    /// Smallest ordering sequence of any data (non-tombstone) record a cold start could
+    /// find in each wblock, live or not (u64::MAX: none). Kept for free wblocks until their
+    /// next use is on the device. The minimum over all wblocks bounds how old any data copy
+    /// on the device can be: a tombstone older than that hides nothing and can go.
+    pub min_seq: Box<[AtomicU64]>,
+    /// The shard that wrote each wblock's current use in this run, or `NO_WRITER` for
+    /// contents from an earlier run. Ordering sequences are per shard within a run (each
+    /// starts above everything on the devices), so only wblocks of the same writer, or of
+    /// earlier runs, can hold older copies of a shard's records.
+    pub writer: Box<[AtomicU32]>,
 }
+
+pub(crate) const NO_WRITER: u32 = u32::MAX;
 
 pub(crate) struct Shared {
     pub cfg: EngineConfig,
@@ -70,6 +82,22 @@ impl Shared {
         prev - bytes
     }
 
+    /// The oldest data record sequence, in `shard`'s sequence space, that a cold start could
+    /// find: over the wblocks this shard wrote in this run and those from earlier runs.
+    /// (Records of a shard's partitions are only ever written by that shard.)
+    pub fn data_floor(&self, shard: usize) -> u64 {
+        let mut floor = u64::MAX;
+        for d in &self.devs {
+            for (m, w) in d.min_seq.iter().zip(d.writer.iter()) {
+                let writer = w.load(Relaxed);
+                if writer == shard as u32 || writer == NO_WRITER {
+                    floor = floor.min(m.load(Relaxed));
+                }
+            }
+        }
+        floor
+    }
+
     pub fn live(&self, dev: u32, w: u32) -> u32 {
         self.devs[dev as usize].live[w as usize].load(Relaxed)
     }
@@ -98,6 +126,12 @@ pub(crate) struct ShardStats {
     pub cold_corrupt: AtomicU64,
     pub cold_stale: AtomicU64,
     pub cold_bytes: AtomicU64,
+    pub defrag_reads: AtomicU64,
+    pub defrag_read_bytes: AtomicU64,
+    pub defrag_write_bytes: AtomicU64,
+    pub defrag_queue: AtomicU64,
+    pub expired: AtomicU64,
+    pub tombstones_dropped: AtomicU64,
 }
 
 /// A snapshot of the namespace's statistics.
@@ -131,6 +165,18 @@ pub struct EngineStats {
     pub cold_start_bytes: u64,
     /// Whether the previous shutdown was clean on every device.
     pub previous_shutdown_clean: bool,
+    /// Free wblocks as a percentage of all data wblocks.
+    pub avail_pct: f64,
+    pub defrag_queue: u64,
+    pub defrag_reads: u64,
+    pub defrag_read_bytes: u64,
+    pub defrag_write_bytes: u64,
+    /// Device bytes written per client byte written.
+    pub write_amplification: f64,
+    pub expired: u64,
+    /// Records evicted (always 0: Ferrospike does not evict).
+    pub evicted: u64,
+    pub tombstones_dropped: u64,
 }
 
 impl EngineStats {
@@ -157,7 +203,16 @@ impl EngineStats {
             s.cold_start_corrupt += st.cold_corrupt.load(Relaxed);
             s.cold_start_stale += st.cold_stale.load(Relaxed);
             s.cold_start_bytes += st.cold_bytes.load(Relaxed);
+            s.defrag_queue += st.defrag_queue.load(Relaxed);
+            s.defrag_reads += st.defrag_reads.load(Relaxed);
+            s.defrag_read_bytes += st.defrag_read_bytes.load(Relaxed);
+            s.defrag_write_bytes += st.defrag_write_bytes.load(Relaxed);
+            s.expired += st.expired.load(Relaxed);
+            s.tombstones_dropped += st.tombstones_dropped.load(Relaxed);
         }
+        s.avail_pct = if s.total_wblocks == 0 { 0.0 } else { 100.0 * s.free_wblocks as f64 / s.total_wblocks as f64 };
+        s.write_amplification =
+            if s.client_write_bytes == 0 { 0.0 } else { s.device_write_bytes as f64 / s.client_write_bytes as f64 };
         let entries = s.records + s.tombstones;
         s.index_bytes_per_record = if entries == 0 { 0.0 } else { s.index_bytes as f64 / entries as f64 };
         s

@@ -2,7 +2,7 @@
 //! until it is killed, printing each operation before it starts (`S`) and once it is
 //! acknowledged (`A`), so the parent knows exactly which writes were acknowledged.
 //!
-//! Usage: crash_writer DEVICE_FILE SIZE_BYTES WORKERS FIRST_VERSION
+//! Usage: crash_writer DEVICE_FILE SIZE_BYTES WORKERS FIRST_VERSION [WBLOCK_BYTES POST_WRITE_CACHE_BYTES]
 
 use std::io::Write;
 use std::sync::Arc;
@@ -21,6 +21,10 @@ fn main() {
     let mut cfg = EngineConfig::new("test");
     cfg.shards = 2;
     cfg.commit_to_device = true;
+    if let (Some(wb), Some(cache)) = (args.get(5), args.get(6)) {
+        cfg.wblock_bytes = wb.parse().expect("wblock bytes");
+        cfg.post_write_cache_bytes = cache.parse().expect("cache bytes");
+    }
     let devs = open_devices(&[DeviceSpec { path, file_size: Some(size) }], 256).expect("devices");
     let engine = Arc::new(Engine::open(cfg, Arc::new(devs)).expect("engine"));
     println!("READY");
@@ -34,7 +38,7 @@ fn main() {
                     let key = w * KEYS_PER_WORKER + (x >> 33) % KEYS_PER_WORKER;
                     let d = UserKey::Int(key as i64).digest("demo");
                     let ver = first + n * workers + w;
-                    let delete = (x >> 20) % 8 == 0;
+                    let delete = (x >> 20).is_multiple_of(8);
                     let cmd = if delete {
                         Command::delete(d)
                     } else {

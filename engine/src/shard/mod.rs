@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, TryRecvError};
 
+mod defrag;
+
 use crate::api::{Command, Reply, ScanPage, ScanRecord};
 use crate::error::{DeviceError, FormatError};
 use crate::format::{
@@ -66,9 +68,21 @@ enum WState {
     Free,
     Open,
     Used,
+    /// Being read by the defragmenter.
+    Defrag,
+}
+
+/// Write streams: each device has an open wblock for client writes and one for defrag.
+const CLIENT: usize = 0;
+const DEFRAG: usize = 1;
+
+/// Index into `Shard::open` of a device's stream.
+fn slot(dev: u32, stream: usize) -> usize {
+    dev as usize * 2 + stream
 }
 
 struct OpenWb {
+    dev: u32,
     w: u32,
     buf: Rc<WBuf>,
     pos: usize,
@@ -83,12 +97,18 @@ struct MemWb {
     buf: Rc<WBuf>,
     inflight: u32,
     sealed: bool,
+    /// Smallest sequence of a data record written in this use of the wblock.
+    use_min_seq: u64,
 }
 
 struct WriteInfo {
+    slot: usize,
     dev: u32,
     w: u32,
     bytes: usize,
+    /// The first write of a wblock's new use: once it completes, the previous use's data
+    /// can no longer be taken for current by a cold start.
+    first: bool,
     acks: Vec<(Callback, Reply)>,
     releases: Vec<Loc>,
     commit: bool,
@@ -146,6 +166,9 @@ pub(crate) struct Shard {
     scratch: Vec<u8>,
     stopping: Option<Done>,
     aborted: bool,
+    reserve_wblocks: usize,
+    defrag: defrag::DefragState,
+    last_nsup: Instant,
 }
 
 impl Shard {
@@ -200,7 +223,7 @@ impl Shard {
             doorbell,
             wstate,
             free,
-            open: (0..n_devs).map(|_| None).collect(),
+            open: (0..2 * n_devs).map(|_| None).collect(),
             mem: HashMap::new(),
             cache: VecDeque::new(),
             cache_limit,
@@ -224,6 +247,9 @@ impl Shard {
             scratch: Vec::new(),
             stopping: None,
             aborted: false,
+            reserve_wblocks: shared.cfg.defrag_reserve_wblocks,
+            defrag: defrag::DefragState::default(),
+            last_nsup: Instant::now(),
             shared,
         }
     }
@@ -284,7 +310,11 @@ impl Shard {
                 s.tombstones.store(self.index.tombstones(), Relaxed);
             }
             if let Some(done) = self.stopping.take() {
-                if self.writes.is_empty() && self.fsyncs.is_empty() && self.reads.is_empty() {
+                if self.writes.is_empty()
+                    && self.fsyncs.is_empty()
+                    && self.reads.is_empty()
+                    && self.defrag.reads.is_empty()
+                {
                     if self.writes_since_fsync.iter().any(|&b| b) {
                         self.fsync_all();
                         self.stopping = Some(done);
@@ -334,8 +364,8 @@ impl Shard {
             Msg::Cmd(cmd, cb) => self.submit_cmd(cmd, cb),
             Msg::Scan { pid, after, max, with_bins, cb } => self.start_scan(pid, after, max, with_bins, cb),
             Msg::Flush(done) => {
-                for d in 0..self.open.len() {
-                    self.flush(d as u32, true);
+                for s in 0..self.open.len() {
+                    self.flush(s, true);
                 }
                 let mark = self.next_tag;
                 if self.writes.is_empty() {
@@ -353,8 +383,8 @@ impl Shard {
     }
 
     fn begin_stop(&mut self, done: Done) {
-        for d in 0..self.open.len() {
-            self.flush(d as u32, true);
+        for s in 0..self.open.len() {
+            self.flush(s, true);
         }
         self.stopping = Some(done);
     }
@@ -464,6 +494,10 @@ impl Shard {
             cb(Reply::error(ResultCode::ServerError));
             return;
         }
+        if !meta.tombstone && self.avail_pct() < self.shared.cfg.stop_writes_avail_pct as f64 {
+            cb(Reply::error(ResultCode::OutOfSpace));
+            return;
+        }
         if self.write_cache_bytes() >= self.write_cache_limit {
             cb(Reply::error(ResultCode::DeviceOverload));
             return;
@@ -478,7 +512,7 @@ impl Shard {
             return;
         }
         let dev = self.shared.device_of(&meta.digest);
-        let loc = match self.append(dev, &mut rec) {
+        let loc = match self.append(dev, CLIENT, &mut rec) {
             Ok(l) => l,
             Err(rc) => {
                 self.scratch = rec;
@@ -497,10 +531,11 @@ impl Shard {
             generation: meta.generation,
             tombstone: meta.tombstone,
             key_stored: key.is_some(),
+            fresh: false,
         };
-        let old = self.index.upsert(entry);
+        let old = self.index.upsert(IndexEntry { fresh: self.index.get(&meta.digest).is_none(), ..entry });
         self.shared.stats[self.id].client_write_bytes.fetch_add(plen as u64, Relaxed);
-        let open = self.open[dev as usize].as_mut().expect("append leaves an open wblock");
+        let open = self.open[slot(dev, CLIENT)].as_mut().expect("append leaves an open wblock");
         if let Some(o) = old {
             open.releases.push(o.loc);
         }
@@ -511,17 +546,18 @@ impl Shard {
         }
     }
 
-    /// Put an encoded record into the open wblock of `dev`; returns its location.
-    fn append(&mut self, dev: u32, rec: &mut [u8]) -> Result<Loc, ResultCode> {
+    /// Put an encoded record into the open wblock of `dev`'s `stream`; returns its location.
+    fn append(&mut self, dev: u32, stream: usize, rec: &mut [u8]) -> Result<Loc, ResultCode> {
         let wb = self.wb() as usize;
+        let s = slot(dev, stream);
         let fits = |o: &OpenWb| o.pos + rec.len() <= wb;
-        if self.open[dev as usize].as_ref().is_some_and(|o| !fits(o)) {
-            self.seal(dev);
+        if self.open[s].as_ref().is_some_and(|o| !fits(o)) {
+            self.seal(s);
         }
-        if self.open[dev as usize].is_none() {
-            self.open_wblock(dev)?;
+        if self.open[s].is_none() {
+            self.open_wblock(dev, stream, crate::format::is_tombstone(rec))?;
         }
-        let o = self.open[dev as usize].as_mut().expect("opened above");
+        let o = self.open[s].as_mut().expect("opened above");
         let off = o.pos;
         let loc = self.shared.record_loc(dev, o.w as u64 * wb as u64 + off as u64);
         bind_record(rec, &loc);
@@ -529,14 +565,26 @@ impl Shard {
         o.pos += rec.len();
         o.first_unflushed.get_or_insert_with(Instant::now);
         self.shared.add_live(dev, o.w, rec.len() as u32);
+        if !crate::format::is_tombstone(rec) {
+            let seq = crate::format::record_seq(rec);
+            let mw = self.mem.get_mut(&(dev, o.w)).expect("open wblock is in memory");
+            mw.use_min_seq = mw.use_min_seq.min(seq);
+            self.shared.devs[dev as usize].min_seq[o.w as usize].fetch_min(seq, Relaxed);
+        }
         Ok(Loc { dev, offset: o.w as u64 * wb as u64 + off as u64, size: rec.len() as u32 })
     }
 
-    fn open_wblock(&mut self, dev: u32) -> Result<(), ResultCode> {
+    fn open_wblock(&mut self, dev: u32, stream: usize, tombstone: bool) -> Result<(), ResultCode> {
+        // The last few free wblocks are kept for defrag (and deletes), so space can always be
+        // won back.
+        if stream == CLIENT && !tombstone && self.free[dev as usize].len() <= self.reserve_wblocks {
+            return Err(ResultCode::OutOfSpace);
+        }
         let w = self.free[dev as usize].pop_front().ok_or(ResultCode::OutOfSpace)?;
         let seq = self.shared.next_wblock_seq.fetch_add(1, Relaxed);
         let d = &self.shared.devs[dev as usize];
         d.seq[w as usize].store(seq, Relaxed);
+        d.writer[w as usize].store(self.id as u32, Relaxed);
         let buf = Rc::new(WBuf::new(self.io.alloc(self.wb() as usize)));
         let h = WblockHeader {
             shard: self.id as u16,
@@ -546,9 +594,10 @@ impl Shard {
             device_id: d.header.device_id,
         };
         buf.write_at(0, &h.encode());
-        self.mem.insert((dev, w), MemWb { buf: buf.clone(), inflight: 0, sealed: false });
+        self.mem.insert((dev, w), MemWb { buf: buf.clone(), inflight: 0, sealed: false, use_min_seq: u64::MAX });
         self.wstate[dev as usize][w as usize] = WState::Open;
-        self.open[dev as usize] = Some(OpenWb {
+        self.open[slot(dev, stream)] = Some(OpenWb {
+            dev,
             w,
             buf,
             pos: WBLOCK_HEADER_BYTES,
@@ -563,9 +612,10 @@ impl Shard {
     }
 
     /// Write the open wblock's remaining bytes and retire it to the post-write cache.
-    fn seal(&mut self, dev: u32) {
-        self.flush(dev, self.shared.cfg.commit_to_device);
-        let o = self.open[dev as usize].take().expect("sealing an open wblock");
+    fn seal(&mut self, s: usize) {
+        self.flush(s, self.shared.cfg.commit_to_device || s % 2 == DEFRAG);
+        let o = self.open[s].take().expect("sealing an open wblock");
+        let dev = o.dev;
         let mw = self.mem.get_mut(&(dev, o.w)).expect("open wblock is in memory");
         mw.sealed = true;
         self.wstate[dev as usize][o.w as usize] = WState::Used;
@@ -575,10 +625,11 @@ impl Shard {
         }
     }
 
-    /// Hand the unflushed tail of the open wblock of `dev` to the device.
-    fn flush(&mut self, dev: u32, dsync: bool) {
+    /// Hand the unflushed tail of an open wblock to the device.
+    fn flush(&mut self, s: usize, dsync: bool) {
         let wb = self.wb() as usize;
-        let Some(o) = self.open[dev as usize].as_mut() else { return };
+        let Some(o) = self.open[s].as_mut() else { return };
+        let dev = o.dev;
         if o.pos == o.flushed {
             return;
         }
@@ -588,8 +639,11 @@ impl Shard {
         let start = o.flushed;
         let w = o.w;
         let info = WriteInfo {
+            slot: s,
             dev,
             w,
+            first: start == 0,
+
             bytes: end - start,
             acks: std::mem::take(&mut o.acks),
             releases: std::mem::take(&mut o.releases),
@@ -621,7 +675,7 @@ impl Shard {
         for d in 0..self.open.len() {
             let due = self.open[d].as_ref().is_some_and(|o| !o.acks.is_empty() && !o.commit_inflight);
             if due {
-                self.flush(d as u32, true);
+                self.flush(d, true);
             }
         }
     }
@@ -631,7 +685,7 @@ impl Shard {
         for d in 0..self.open.len() {
             let due = self.open[d].as_ref().and_then(|o| o.first_unflushed).is_some_and(|t| t.elapsed() >= flush_every);
             if due {
-                self.flush(d as u32, false);
+                self.flush(d, d % 2 == DEFRAG);
             }
         }
         if self.last_timer.elapsed() >= flush_every {
@@ -642,6 +696,14 @@ impl Shard {
             self.last_sweep = Instant::now();
             self.sweep_empty();
             self.publish_stats();
+        }
+        let nsup = self.shared.cfg.nsup_period_secs;
+        if nsup > 0 && self.last_nsup.elapsed() >= Duration::from_secs(nsup) {
+            self.last_nsup = Instant::now();
+            self.nsup();
+        }
+        if self.stopping.is_none() {
+            self.defrag_tick();
         }
     }
 
@@ -753,6 +815,8 @@ impl Shard {
             self.write_done(info, c);
         } else if let Some(p) = self.reads.remove(&c.tag) {
             self.read_done(p, c);
+        } else if let Some((dev, w)) = self.defrag.reads.remove(&c.tag) {
+            self.defrag_read_done(dev, w, c);
         } else if let Some(d) = self.fsyncs.remove(&c.tag) {
             self.fsync_inflight[d as usize] = false;
             if let Err(e) = c.result {
@@ -768,7 +832,7 @@ impl Shard {
     fn write_done(&mut self, info: WriteInfo, c: IoCompletion) {
         let stats = &self.shared.stats[self.id];
         self.inflight_write_bytes -= info.bytes as u64;
-        if let Some(o) = self.open[info.dev as usize].as_mut() {
+        if let Some(o) = self.open[info.slot].as_mut() {
             if o.w == info.w && info.commit {
                 o.commit_inflight = false;
             }
@@ -778,6 +842,12 @@ impl Shard {
                 stats.device_writes.fetch_add(1, Relaxed);
                 stats.device_write_bytes.fetch_add(info.bytes as u64, Relaxed);
                 self.writes_since_fsync[info.dev as usize] = true;
+                if info.first {
+                    // The previous use of this wblock is overwritten for good: only this
+                    // use's data records bound the oldest data on the device now.
+                    let cur = self.mem.get(&(info.dev, info.w)).map_or(u64::MAX, |m| m.use_min_seq);
+                    self.shared.devs[info.dev as usize].min_seq[info.w as usize].store(cur, Relaxed);
+                }
                 for loc in info.releases {
                     self.release(loc);
                 }

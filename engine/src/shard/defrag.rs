@@ -1,0 +1,239 @@
+//! Defragmentation, space accounting and expiry, inside the shard loop.
+//!
+//! - A wblock of this shard whose live bytes fall below `defrag-lwm-pct` of its size (and that
+//!   is not in the post-write cache) is queued, emptiest first. One wblock at a time is read
+//!   whole; every record the index still points at (exact location match) is copied into the
+//!   device's defrag write stream with its checksum re-bound to the new place and its
+//!   sequence unchanged, and the index is repointed. The copies are written with RWF_DSYNC
+//!   and the source's bytes are released only when they complete, so the source returns to
+//!   the free list only once every copy made from it is durable. `defrag-sleep` separates
+//!   two wblocks, bounding defrag's share of the device.
+//! - Tombstones: a tombstone hides older data copies of its digest from a cold start. It is
+//!   dropped only when every data record that a cold start could still find on the devices is
+//!   newer than it (`Shared::data_floor`), so no older copy can exist.
+//! - Expiry (`nsup-period`): an expired record created when its digest had no index entry
+//!   ("fresh": no older data copy exists) leaves the index and frees its bytes; any other
+//!   expired record is replaced by a tombstone, so an older copy can never come back.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use super::{slot, Reply, Shard, WState, DEFRAG};
+use crate::coldstart::scan_wblock;
+use crate::format::RecordMeta;
+use crate::index::{IndexEntry, Loc};
+use crate::io::{IoCompletion, IoOp, IoRequest};
+use crate::types::{now_cl_ms, ResultCode};
+
+/// Below this share of free wblocks defrag runs without pausing between wblocks.
+const URGENT_AVAIL_PCT: f64 = 20.0;
+
+/// Most wblocks taken into the queue per refill.
+const QUEUE_REFILL: usize = 64;
+
+#[derive(Default)]
+pub(super) struct DefragState {
+    queue: VecDeque<(u32, u32)>,
+    /// Wblock reads in flight: tag → (device, wblock).
+    pub(super) reads: HashMap<u64, (u32, u32)>,
+    next_at: Option<Instant>,
+}
+
+impl Shard {
+    /// Free-wblock share of this shard, in percent.
+    pub(super) fn avail_pct(&self) -> f64 {
+        let total = self.shared.stats[self.id].total_wblocks.load(Relaxed);
+        if total == 0 {
+            return 0.0;
+        }
+        let free: usize = self.free.iter().map(|f| f.len()).sum();
+        100.0 * free as f64 / total as f64
+    }
+
+    fn defrag_eligible(&self, dev: u32, w: u32) -> bool {
+        let wb = self.wb();
+        let live = self.shared.live(dev, w) as u64;
+        self.wstate[dev as usize][w as usize] == WState::Used
+            && !self.mem.contains_key(&(dev, w))
+            && live > 0
+            && live * 100 < self.shared.cfg.defrag_lwm_pct as u64 * wb
+    }
+
+    fn refill_defrag_queue(&mut self) {
+        let mut found: Vec<(u32, u32, u32)> = Vec::new();
+        for d in 0..self.wstate.len() {
+            for w in 1..self.wstate[d].len() {
+                if self.defrag_eligible(d as u32, w as u32) {
+                    found.push((self.shared.live(d as u32, w as u32), d as u32, w as u32));
+                }
+            }
+        }
+        found.sort_unstable();
+        self.defrag.queue.extend(found.into_iter().take(QUEUE_REFILL).map(|(_, d, w)| (d, w)));
+        self.shared.stats[self.id].defrag_queue.store(self.defrag.queue.len() as u64, Relaxed);
+    }
+
+    /// Start the next wblock's defrag when none is in flight and the pause has passed.
+    pub(super) fn defrag_tick(&mut self) {
+        if !self.defrag.reads.is_empty() || self.read_only {
+            return;
+        }
+        if self.defrag.next_at.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        if self.defrag.queue.is_empty() {
+            self.refill_defrag_queue();
+            if self.defrag.queue.is_empty() {
+                // Nothing qualifies: retire the defrag streams' partly filled wblocks, so the
+                // copies in them can age out like any other data; look again a little later.
+                for d in 0..self.wstate.len() {
+                    if self.open[slot(d as u32, DEFRAG)].is_some() {
+                        self.seal(slot(d as u32, DEFRAG));
+                    }
+                }
+                self.defrag.next_at = Some(Instant::now() + Duration::from_millis(20));
+                return;
+            }
+        }
+        while let Some((dev, w)) = self.defrag.queue.pop_front() {
+            if !self.defrag_eligible(dev, w) {
+                continue;
+            }
+            self.wstate[dev as usize][w as usize] = WState::Defrag;
+            let wb = self.wb();
+            let buf = self.io.alloc(wb as usize);
+            let tag = self.tag();
+            self.io.push(IoRequest { tag, dev, offset: w as u64 * wb, op: IoOp::Read { buf } });
+            self.defrag.reads.insert(tag, (dev, w));
+            break;
+        }
+        self.shared.stats[self.id].defrag_queue.store(self.defrag.queue.len() as u64, Relaxed);
+    }
+
+    pub(super) fn defrag_read_done(&mut self, dev: u32, w: u32, c: IoCompletion) {
+        let IoOp::Read { buf } = c.op else { unreachable!("defrag issues reads") };
+        let wb = self.wb();
+        let shared = self.shared.clone();
+        let stats = &shared.stats[self.id];
+        self.wstate[dev as usize][w as usize] = WState::Used;
+        // Pause between wblocks to leave the device to clients, unless space is short.
+        let pause = if self.avail_pct() < URGENT_AVAIL_PCT { 0 } else { self.shared.cfg.defrag_sleep_us };
+        self.defrag.next_at = Some(Instant::now() + Duration::from_micros(pause));
+        if let Err(e) = c.result {
+            tracing::error!("shard {}: defrag read of device {dev} wblock {w} failed: {e}", self.id);
+            self.io.free(buf);
+            return;
+        }
+        stats.defrag_reads.fetch_add(1, Relaxed);
+        stats.defrag_read_bytes.fetch_add(wb, Relaxed);
+        let device_id = self.shared.devs[dev as usize].header.device_id;
+        let scan = scan_wblock(&buf, device_id, dev, w);
+        let floor = self.shared.data_floor(self.id);
+        let mut moved = 0u64;
+        for (meta, off, plen, _) in scan.records {
+            let here = Loc { dev, offset: w as u64 * wb + off as u64, size: plen };
+            if self.shared.shard_of_partition(meta.digest.partition()) != self.id {
+                continue;
+            }
+            let Some(e) = self.index.get(&meta.digest) else { continue };
+            if e.loc != here {
+                continue;
+            }
+            if e.tombstone && meta.seq < floor {
+                self.index.remove(&meta.digest);
+                stats.tombstones_dropped.fetch_add(1, Relaxed);
+                self.release(here);
+                continue;
+            }
+            let mut rec = buf[off as usize..off as usize + plen as usize].to_vec();
+            let new_loc = match self.append(dev, DEFRAG, &mut rec) {
+                Ok(l) => l,
+                Err(rc) => {
+                    tracing::warn!("shard {}: defrag of device {dev} wblock {w} stopped: {rc:?}", self.id);
+                    break;
+                }
+            };
+            self.index.upsert(IndexEntry { loc: new_loc, ..e });
+            self.open[slot(dev, DEFRAG)].as_mut().expect("append leaves an open wblock").releases.push(here);
+            moved += plen as u64;
+        }
+        self.io.free(buf);
+        stats.defrag_write_bytes.fetch_add(moved, Relaxed);
+        // Make the copies durable now, so the source can be freed.
+        self.flush(slot(dev, DEFRAG), true);
+        self.maybe_free(dev, w);
+    }
+
+    /// The expiry sweep: expired records leave (fresh ones) or become tombstones; tombstones
+    /// older than every data copy on the device are dropped.
+    pub(super) fn nsup(&mut self) {
+        let now = self.now_secs;
+        let floor = self.shared.data_floor(self.id);
+        let mut expired: Vec<IndexEntry> = Vec::new();
+        let mut dead_tombs: Vec<IndexEntry> = Vec::new();
+        for pid in (self.id..crate::types::N_PARTITIONS).step_by(self.shared.n_shards) {
+            for e in self.index.partition_entries(pid as u16) {
+                if e.tombstone {
+                    if e.seq < floor {
+                        dead_tombs.push(e);
+                    }
+                } else if e.void_time != 0 && e.void_time <= now {
+                    expired.push(e);
+                }
+            }
+        }
+        let shared = self.shared.clone();
+        let stats = &shared.stats[self.id];
+        for t in &dead_tombs {
+            self.index.remove(&t.digest);
+            self.release(t.loc);
+        }
+        stats.tombstones_dropped.fetch_add(dead_tombs.len() as u64, Relaxed);
+        let mut n_expired = 0u64;
+        for e in expired {
+            if e.fresh {
+                self.index.remove(&e.digest);
+                self.release(e.loc);
+                n_expired += 1;
+                continue;
+            }
+            let meta = RecordMeta {
+                digest: e.digest,
+                generation: e.generation,
+                void_time: 0,
+                last_update_ms: now_cl_ms(),
+                seq: self.next_seq,
+                tombstone: true,
+            };
+            let (tx, rx) = std::sync::mpsc::channel();
+            self.store(
+                "",
+                meta,
+                None,
+                &[],
+                Reply::error(ResultCode::Ok),
+                Box::new(move |r| {
+                    let _ = tx.send(r.result);
+                }),
+            );
+            // Without commit-to-device the callback ran already; with it, the tombstone is
+            // acknowledged later and the outcome does not matter here.
+            match rx.try_recv() {
+                Ok(ResultCode::Ok) | Err(_) => n_expired += 1,
+                Ok(rc) => {
+                    tracing::warn!("shard {}: expiry sweep paused: {rc:?}", self.id);
+                    break;
+                }
+            }
+        }
+        stats.expired.fetch_add(n_expired, Relaxed);
+        if n_expired > 0 || !dead_tombs.is_empty() {
+            tracing::info!(
+                "shard {}: expiry sweep: {n_expired} expired, {} tombstones dropped",
+                self.id,
+                dead_tombs.len()
+            );
+        }
+    }
+}

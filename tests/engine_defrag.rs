@@ -1,0 +1,219 @@
+//! Defragmentation and space: a device much smaller than the data written to it keeps
+//! accepting writes, stop-writes engages and releases, deleted records never come back, and
+//! expired records give their space back.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferrospike_engine::io::{open_devices, DeviceSpec};
+use ferrospike_engine::{Bin, Command, Engine, EngineConfig, ResultCode, Ttl, Value};
+use rand::{Rng, SeedableRng};
+
+const MIB: u64 = 1 << 20;
+
+fn config() -> EngineConfig {
+    let mut c = EngineConfig::new("test");
+    c.shards = 2;
+    c.wblock_bytes = 128 * 1024;
+    c.post_write_cache_bytes = 2 * MIB;
+    c.max_write_cache_bytes = 8 * MIB;
+    c.nsup_period_secs = 1;
+    c
+}
+
+fn open(spec: &DeviceSpec, c: EngineConfig) -> Engine {
+    Engine::open(c, Arc::new(open_devices(std::slice::from_ref(spec), 256).unwrap())).unwrap()
+}
+
+fn value(ver: u64) -> Vec<Bin> {
+    vec![Bin::new("v", Value::Int(ver as i64)), Bin::new("p", Value::Blob(common::pattern(ver, 1400)))]
+}
+
+fn version_of(e: &Engine, key: u64) -> Option<u64> {
+    let r = e.execute(Command::get(common::digest_of(key).0));
+    match r.result {
+        ResultCode::Ok => match r.bin("v") {
+            Some(Value::Int(v)) => Some(*v as u64),
+            other => panic!("key {key}: {other:?}"),
+        },
+        ResultCode::NotFound => None,
+        rc => panic!("key {key}: {rc:?}"),
+    }
+}
+
+/// A working set filling 40% of a 64 MiB device, overwritten until 20× the device size has
+/// been written: no OUT_OF_SPACE, free space stays above stop-writes, write amplification
+/// at most 2.5 with defrag-lwm-pct 50, and after a restart every key has its latest value.
+#[test]
+fn steady_state_overwrite_runs_on_a_small_device() {
+    common::init_logs();
+    let dir = common::TestDir::new("defrag-steady");
+    let spec = common::file_spec(&dir, "dev.dat", 64 * MIB);
+    let e = open(&spec, config());
+    let record_bytes = 1536u64; // about the stored size of value(): header + bins, padded
+    let keys = (64 * MIB * 40 / 100) / record_bytes;
+    let mut latest: HashMap<u64, u64> = HashMap::new();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let mut min_avail = 100.0f64;
+    let mut n = 0u64;
+    while e.stats().client_write_bytes < 20 * 64 * MIB {
+        let chunk: Vec<(u64, u64)> = (0..4096)
+            .map(|_| {
+                n += 1;
+                let key = if n <= keys { n - 1 } else { rng.gen_range(0..keys) };
+                (key, n)
+            })
+            .collect();
+        let batch = chunk.iter().map(|&(k, v)| Command::put(common::digest_of(k).0, "demo", value(v)));
+        common::pipeline(&e, batch, 32, |i, r| {
+            assert_eq!(r.result, ResultCode::Ok, "write {i}: no OUT_OF_SPACE in steady state");
+        });
+        for &(k, v) in &chunk {
+            latest.insert(k, v);
+        }
+        min_avail = min_avail.min(e.stats().avail_pct);
+    }
+    let st = e.stats();
+    eprintln!(
+        "wrote {} MiB by clients, {} MiB to the device: write amplification {:.2}; {} wblocks defragged; lowest avail {:.1}%",
+        st.client_write_bytes >> 20,
+        st.device_write_bytes >> 20,
+        st.write_amplification,
+        st.defrag_reads,
+        min_avail
+    );
+    assert!(st.client_write_bytes >= 20 * 64 * MIB);
+    assert!(st.defrag_reads > 0, "defrag must have run");
+    assert!(min_avail > 5.0, "avail stayed above stop-writes (lowest {min_avail:.1}%)");
+    assert!(st.write_amplification <= 2.5, "write amplification {:.2}", st.write_amplification);
+    e.shutdown().unwrap();
+    drop(e);
+    let e = open(&spec, config());
+    for (k, v) in &latest {
+        assert_eq!(version_of(&e, *k), Some(*v), "key {k} after restart");
+    }
+}
+
+/// Filling the device stops client writes with OUT_OF_SPACE (8) while reads and deletes go
+/// on; once deletes free space and defrag reclaims it, writes resume by themselves.
+#[test]
+fn stop_writes_engages_and_releases() {
+    common::init_logs();
+    let dir = common::TestDir::new("defrag-full");
+    let spec = common::file_spec(&dir, "dev.dat", 16 * MIB);
+    let e = open(&spec, config());
+    let mut n = 0u64;
+    loop {
+        let r = e.execute(Command::put(common::digest_of(n).0, "demo", value(n)));
+        match r.result {
+            ResultCode::Ok => n += 1,
+            ResultCode::DeviceOverload => std::thread::sleep(Duration::from_millis(2)),
+            ResultCode::OutOfSpace => break,
+            rc => panic!("unexpected {rc:?}"),
+        }
+        assert!(n < 100_000, "the device never filled");
+    }
+    eprintln!("device full after {n} records, avail {:.1}%", e.stats().avail_pct);
+    assert_eq!(version_of(&e, 0), Some(0), "reads go on");
+    for k in 0..n * 3 / 4 {
+        let r = e.execute(Command::delete(common::digest_of(k).0));
+        assert_eq!(r.result, ResultCode::Ok, "delete {k} while full");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = e.execute(Command::put(common::digest_of(1_000_000).0, "demo", value(1)));
+        if r.is_ok() {
+            break;
+        }
+        assert_eq!(r.result, ResultCode::OutOfSpace);
+        assert!(Instant::now() < deadline, "writes never resumed: {:?}", e.stats());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(e.stats().defrag_reads > 0);
+    assert_eq!(version_of(&e, n - 1), Some(n - 1));
+}
+
+/// Delete a third of the keys, then overwrite the rest until everything older has been
+/// rewritten and the old wblocks reused; the tombstones get collected, and after a restart
+/// no deleted key is back.
+#[test]
+fn deleted_records_stay_deleted_through_churn_and_restart() {
+    common::init_logs();
+    let dir = common::TestDir::new("defrag-deletes");
+    let spec = common::file_spec(&dir, "dev.dat", 32 * MIB);
+    let e = open(&spec, config());
+    let keys = 6000u64;
+    let puts = (0..keys).map(|k| Command::put(common::digest_of(k).0, "demo", value(k)));
+    common::pipeline(&e, puts, 32, |i, r| assert!(r.is_ok(), "put {i}: {:?}", r.result));
+    let deleted: Vec<u64> = (0..keys).filter(|k| k % 3 == 0).collect();
+    for k in &deleted {
+        assert!(e.execute(Command::delete(common::digest_of(*k).0)).is_ok());
+    }
+    let tombs_before = e.stats().tombstones;
+    assert_eq!(tombs_before, deleted.len() as u64);
+    // Churn: overwrite every surviving key several times over.
+    let mut ver = keys;
+    for _round in 0..8 {
+        let batch: Vec<(u64, u64)> = (0..keys)
+            .filter(|k| k % 3 != 0)
+            .map(|k| {
+                ver += 1;
+                (k, ver)
+            })
+            .collect();
+        let cmds = batch.iter().map(|&(k, v)| Command::put(common::digest_of(k).0, "demo", value(v)));
+        common::pipeline(&e, cmds, 32, |i, r| assert!(r.is_ok(), "churn {i}: {:?}", r.result));
+    }
+    // Give defrag and the expiry sweep (every second here) time to collect.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while e.stats().tombstones >= tombs_before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let st = e.stats();
+    eprintln!(
+        "tombstones {} -> {} ({} dropped), {} wblocks defragged",
+        tombs_before, st.tombstones, st.tombstones_dropped, st.defrag_reads
+    );
+    assert!(st.tombstones < tombs_before, "tombstones were collected");
+    assert!(st.defrag_reads > 0);
+    e.shutdown().unwrap();
+    drop(e);
+    let e = open(&spec, config());
+    for k in &deleted {
+        assert_eq!(version_of(&e, *k), None, "deleted key {k} came back");
+    }
+    assert_eq!(e.stats().records, keys - deleted.len() as u64);
+}
+
+/// A record with a 1-second TTL is gone for reads within a second, and the expiry sweep
+/// gives its bytes back.
+#[test]
+fn expired_records_give_their_space_back() {
+    common::init_logs();
+    let dir = common::TestDir::new("defrag-expiry");
+    let spec = common::file_spec(&dir, "dev.dat", 16 * MIB);
+    let e = open(&spec, config());
+    let n = 3000u64;
+    let puts = (0..n).map(|k| Command::put(common::digest_of(k).0, "demo", value(k)).with_ttl(Ttl::Secs(1)));
+    common::pipeline(&e, puts, 32, |i, r| assert!(r.is_ok(), "put {i}"));
+    e.flush();
+    let free_before = e.stats().free_wblocks;
+    std::thread::sleep(Duration::from_millis(1100));
+    for k in (0..n).step_by(97) {
+        assert_eq!(version_of(&e, k), None, "key {k} must be expired");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = e.stats();
+        if st.expired == n && st.free_wblocks > free_before + 20 {
+            eprintln!("expired {}, free wblocks {} -> {}", st.expired, free_before, st.free_wblocks);
+            break;
+        }
+        assert!(Instant::now() < deadline, "space not reclaimed: {st:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(e.stats().records, 0);
+}
