@@ -55,7 +55,7 @@ fn crash_rounds(name: &str, size: u64, wblock_and_cache: Option<(u32, u64)>, rou
         let mut acks = 0u64;
         let kill_after = kill_base + round * 700;
         let mut killed = false;
-        let mut apply = |line: &str, model: &mut HashMap<u64, KeyModel>| -> bool {
+        let apply = |line: &str, model: &mut HashMap<u64, KeyModel>| -> bool {
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.len() < 4 {
                 return false;

@@ -234,7 +234,22 @@ impl Engine {
         while rx.recv().is_ok() {}
     }
 
+    /// Statistics, current as of this call (each running shard publishes its counters first).
     pub fn stats(&self) -> EngineStats {
+        if !self.stopped.load(Relaxed) {
+            let (tx, rx) = bounded(self.senders.len());
+            for s in 0..self.senders.len() {
+                let tx = tx.clone();
+                let _ = self.send(
+                    s,
+                    Msg::Stats(Box::new(move || {
+                        let _ = tx.send(());
+                    })),
+                );
+            }
+            drop(tx);
+            while rx.recv().is_ok() {}
+        }
         EngineStats::collect(&self.shared, self.previous_clean)
     }
 
@@ -306,7 +321,11 @@ fn shard_main(
 ) {
     let n = shared.n_shards;
     let cfg = &shared.cfg;
-    let slots = (cfg.max_write_cache_bytes / n as u64 / cfg.wblock_bytes as u64) as usize + shared.devs.len();
+    // Arena slots: the write cache, the post-write cache, and an open wblock per device and
+    // stream, per shard.
+    let slots = ((cfg.max_write_cache_bytes + cfg.post_write_cache_bytes) / n as u64 / cfg.wblock_bytes as u64)
+        as usize
+        + 2 * shared.devs.len();
     let mut result: Result<(), String> = Ok(());
     let mut io: Option<Box<dyn IoBackend>> =
         match devices.open_backend(Some(doorbell.raw_fd()), cfg.wblock_bytes as usize, slots) {

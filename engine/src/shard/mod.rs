@@ -51,6 +51,8 @@ pub(crate) enum Msg {
     Stop(Done),
     /// Leave the loop at once, dropping buffered records (simulates a crash in tests).
     Abort(Done),
+    /// Publish up-to-date statistics, then call back.
+    Stats(Done),
 }
 
 /// Most requests taken from the channel per loop turn (the rest wait for the next turn, so
@@ -59,6 +61,11 @@ const MSGS_PER_TURN: usize = 256;
 /// Partial flushes are padded to this boundary; sectors holding acknowledged records are
 /// never written again.
 const FLUSH_ALIGN: usize = 4096;
+/// Group-commit writes in flight per open wblock: disjoint 4 KiB-padded ranges, each
+/// acknowledging its own group, so commit throughput is not bound by one write's latency.
+const MAX_COMMITS_IN_FLIGHT: u32 = 4;
+/// Read buffers up to this size are pooled and reused.
+const POOLED_READ_BYTES: usize = 64 * 1024;
 /// How often the shard looks for wblocks emptied by other shards.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -90,7 +97,8 @@ struct OpenWb {
     first_unflushed: Option<Instant>,
     acks: Vec<(Callback, Reply)>,
     releases: Vec<Loc>,
-    commit_inflight: bool,
+    /// Group-commit writes of this wblock in flight.
+    commit_inflight: u32,
 }
 
 struct MemWb {
@@ -167,6 +175,10 @@ pub(crate) struct Shard {
     stopping: Option<Done>,
     aborted: bool,
     reserve_wblocks: usize,
+    /// Wblock buffers dropped from memory while something still referenced them.
+    unrecycled: Vec<Rc<WBuf>>,
+    /// Small aligned buffers for record reads, reused.
+    read_pool: Vec<AlignedBuf>,
     defrag: defrag::DefragState,
     last_nsup: Instant,
 }
@@ -248,6 +260,8 @@ impl Shard {
             stopping: None,
             aborted: false,
             reserve_wblocks: shared.cfg.defrag_reserve_wblocks,
+            unrecycled: Vec::new(),
+            read_pool: Vec::new(),
             defrag: defrag::DefragState::default(),
             last_nsup: Instant::now(),
             shared,
@@ -328,8 +342,10 @@ impl Shard {
                     self.stopping = Some(done);
                 }
             }
-            let mut idle = did == 0;
-            if idle && self.stopping.is_none() {
+            // Nothing left to take from the channel: wait in the ring for a completion, the
+            // doorbell or the next timer, instead of turning with a non-waiting submit.
+            let mut idle = self.rx.is_empty() || self.stopping.is_some();
+            if idle && self.stopping.is_none() && self.io.in_flight() == 0 {
                 // Spin briefly on the channel before paying for a sleep and a doorbell.
                 let spin_until = Instant::now() + Duration::from_micros(self.shared.cfg.spin_us);
                 while Instant::now() < spin_until {
@@ -375,6 +391,10 @@ impl Shard {
                 }
             }
             Msg::Stop(done) => self.begin_stop(done),
+            Msg::Stats(done) => {
+                self.publish_stats();
+                done();
+            }
             Msg::Abort(done) => {
                 self.aborted = true;
                 done();
@@ -605,7 +625,7 @@ impl Shard {
             first_unflushed: None,
             acks: Vec::new(),
             releases: Vec::new(),
-            commit_inflight: false,
+            commit_inflight: 0,
         });
         self.shared.stats[self.id].free_wblocks.fetch_sub(1, Relaxed);
         Ok(())
@@ -650,7 +670,7 @@ impl Shard {
             commit: dsync && self.shared.cfg.commit_to_device,
         };
         if info.commit {
-            o.commit_inflight = true;
+            o.commit_inflight += 1;
         }
         self.inflight_write_bytes += (end - start) as u64;
         o.pos = end;
@@ -673,7 +693,8 @@ impl Shard {
             return;
         }
         for d in 0..self.open.len() {
-            let due = self.open[d].as_ref().is_some_and(|o| !o.acks.is_empty() && !o.commit_inflight);
+            let due =
+                self.open[d].as_ref().is_some_and(|o| !o.acks.is_empty() && o.commit_inflight < MAX_COMMITS_IN_FLIGHT);
             if due {
                 self.flush(d, true);
             }
@@ -696,6 +717,9 @@ impl Shard {
             self.last_sweep = Instant::now();
             self.sweep_empty();
             self.publish_stats();
+            for buf in std::mem::take(&mut self.unrecycled) {
+                self.recycle(buf);
+            }
         }
         let nsup = self.shared.cfg.nsup_period_secs;
         if nsup > 0 && self.last_nsup.elapsed() >= Duration::from_secs(nsup) {
@@ -780,9 +804,16 @@ impl Shard {
     fn drop_from_memory(&mut self, dev: u32, w: u32) {
         if let Some(mw) = self.mem.remove(&(dev, w)) {
             self.cache.retain(|&k| k != (dev, w));
-            if let Ok(wbuf) = Rc::try_unwrap(mw.buf) {
-                self.io.free(wbuf.into_inner());
-            }
+            self.recycle(mw.buf);
+        }
+    }
+
+    /// Return a wblock buffer to the backend (its arena slot, if any) once nothing else
+    /// holds it; buffers still referenced are retried on later turns.
+    fn recycle(&mut self, buf: Rc<WBuf>) {
+        match Rc::try_unwrap(buf) {
+            Ok(wbuf) => self.io.free(wbuf.into_inner()),
+            Err(still) => self.unrecycled.push(still),
         }
     }
 
@@ -830,14 +861,18 @@ impl Shard {
     }
 
     fn write_done(&mut self, info: WriteInfo, c: IoCompletion) {
+        // Drop the completion's reference to the wblock buffer first, so a retired buffer
+        // can go back to the arena below.
+        let IoCompletion { result, op, .. } = c;
+        drop(op);
         let stats = &self.shared.stats[self.id];
         self.inflight_write_bytes -= info.bytes as u64;
         if let Some(o) = self.open[info.slot].as_mut() {
             if o.w == info.w && info.commit {
-                o.commit_inflight = false;
+                o.commit_inflight -= 1;
             }
         }
-        match c.result {
+        match result {
             Ok(_) => {
                 stats.device_writes.fetch_add(1, Relaxed);
                 stats.device_write_bytes.fetch_add(info.bytes as u64, Relaxed);
@@ -902,7 +937,17 @@ impl Shard {
         let align = self.shared.devs[e.loc.dev as usize].info.io_align.max(512) as u64;
         let start = e.loc.offset / align * align;
         let end = (e.loc.offset + e.loc.size as u64).div_ceil(align) * align;
-        let buf = AlignedBuf::new((end - start) as usize);
+        let len = (end - start) as usize;
+        let buf = match self.read_pool.iter().position(|b| b.capacity() >= len) {
+            Some(i) => {
+                let mut b = self.read_pool.swap_remove(i);
+                b.set_len(len);
+                b
+            }
+            None => AlignedBuf::new(len.max(if len <= POOLED_READ_BYTES { 8192 } else { 0 })),
+        };
+        let mut buf = buf;
+        buf.set_len(len);
         let tag = self.tag();
         self.io.push(IoRequest { tag, dev: e.loc.dev, offset: start, op: IoOp::Read { buf } });
         self.reads.insert(tag, PendingRead { entry: e, skip: (e.loc.offset - start) as usize, for_ });
@@ -919,6 +964,9 @@ impl Shard {
             }
             Err(e) => Err(e.to_string()),
         };
+        if buf.capacity() <= POOLED_READ_BYTES && self.read_pool.len() < 256 {
+            self.read_pool.push(buf);
+        }
         match p.for_ {
             ReadFor::Cmd(cmd, cb) => match res {
                 Ok(body) => {

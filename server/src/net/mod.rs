@@ -1,0 +1,300 @@
+//! The network front-end.
+//!
+//! First landing, std-based: one acceptor thread and one thread per connection (bounded by
+//! `max-connections`, small stacks). A connection thread reads whole frames into a buffer
+//! that grows only as bytes arrive, decodes every complete frame, submits single-record
+//! commands to the owning engine shard (`Engine::submit`, up to `max-inflight` at once, so
+//! pipelined requests overlap) and writes the responses back in request order. Batches and
+//! scans stream their responses. The target design (networking inside the shards' io_uring
+//! loops) needs an engine hook; see the server's report.
+
+mod conn;
+mod stats;
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferrospike_engine::io::open_devices;
+use ferrospike_engine::{Engine, EngineError};
+
+use crate::config::{Config, ServiceConfig};
+use crate::proto::info::InfoSource;
+pub use stats::NetStats;
+
+/// Stack of a connection thread: decoding and encoding are iterative and small.
+const CONN_STACK_BYTES: usize = 256 << 10;
+/// How long shutdown waits for connections to finish their requests.
+const DRAIN_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error("namespace {namespace}: {source}")]
+    Engine { namespace: String, source: EngineError },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One namespace and its engine.
+pub struct Namespace {
+    pub name: String,
+    pub engine: Engine,
+}
+
+/// State every connection thread shares.
+pub struct Shared {
+    pub cfg: ServiceConfig,
+    pub namespaces: Vec<Namespace>,
+    pub stats: NetStats,
+    pub node_id: String,
+    pub stopping: AtomicBool,
+    pub started: Instant,
+}
+
+impl Shared {
+    pub fn engine(&self, ns: &str) -> Option<&Engine> {
+        self.namespaces.iter().find(|n| n.name == ns).map(|n| &n.engine)
+    }
+}
+
+impl InfoSource for Shared {
+    fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    fn service(&self) -> (&str, u16) {
+        (&self.cfg.address, self.cfg.port)
+    }
+
+    fn cluster_name(&self) -> Option<&str> {
+        self.cfg.cluster_name.as_deref()
+    }
+
+    fn namespaces(&self) -> Vec<String> {
+        self.namespaces.iter().map(|n| n.name.clone()).collect()
+    }
+
+    fn namespace_stats(&self, ns: &str) -> Option<Vec<(String, String)>> {
+        let n = self.namespaces.iter().find(|n| n.name == ns)?;
+        let s = n.engine.stats();
+        let c = n.engine.config();
+        let kv = |k: &str, v: String| (k.to_string(), v);
+        Some(vec![
+            kv("ns_cluster_size", "1".into()),
+            kv("effective_replication_factor", "1".into()),
+            kv("objects", s.records.to_string()),
+            kv("tombstones", s.tombstones.to_string()),
+            kv("index_used_bytes", s.index_bytes.to_string()),
+            kv("index_bytes_per_record", format!("{:.1}", s.index_bytes_per_record)),
+            kv("free_wblocks", s.free_wblocks.to_string()),
+            kv("total_wblocks", s.total_wblocks.to_string()),
+            kv("device_available_pct", pct(s.free_wblocks, s.total_wblocks)),
+            kv("device_reads", s.device_reads.to_string()),
+            kv("device_read_bytes", s.device_read_bytes.to_string()),
+            kv("device_writes", s.device_writes.to_string()),
+            kv("device_write_bytes", s.device_write_bytes.to_string()),
+            kv("cache_read_hits", s.cache_hits.to_string()),
+            kv("cache_read_misses", s.cache_misses.to_string()),
+            kv("read_errors", s.read_errors.to_string()),
+            kv("write_errors", s.write_errors.to_string()),
+            kv("stop_writes", s.read_only.to_string()),
+            kv("default-ttl", c.default_ttl_secs.to_string()),
+            kv("write-block-size", c.wblock_bytes.to_string()),
+            kv("commit-to-device", c.commit_to_device.to_string()),
+            kv("flush-max-ms", c.flush_max_ms.to_string()),
+            kv("replication-factor", "1".into()),
+            kv("strong-consistency", "false".into()),
+            kv("shards", s.shards.to_string()),
+        ])
+    }
+
+    fn statistics(&self) -> Vec<(String, String)> {
+        let mut v = vec![
+            ("cluster_size".to_string(), "1".to_string()),
+            ("uptime".to_string(), self.started.elapsed().as_secs().to_string()),
+        ];
+        let (mut objects, mut reads, mut writes, mut hits) = (0, 0, 0, 0);
+        for n in &self.namespaces {
+            let s = n.engine.stats();
+            objects += s.records;
+            reads += s.device_reads;
+            writes += s.device_writes;
+            hits += s.cache_hits;
+        }
+        v.push(("objects".into(), objects.to_string()));
+        v.push(("device_reads".into(), reads.to_string()));
+        v.push(("device_writes".into(), writes.to_string()));
+        v.push(("cache_read_hits".into(), hits.to_string()));
+        v.extend(self.stats.list());
+        v
+    }
+}
+
+fn pct(a: u64, b: u64) -> String {
+    (a * 100).checked_div(b).unwrap_or(0).to_string()
+}
+
+/// A stable node id: upper-case hex without leading zeros, as the real server prints it.
+fn node_id(port: u16) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    // FNV-1a over the host name: stable across restarts, different across hosts.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in host.trim().bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("BB9{:08X}{:04X}", h as u32, port)
+}
+
+/// A running server: engines open, listener bound.
+pub struct Server {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+}
+
+/// A handle that stops a running server from another thread (the signal thread).
+#[derive(Clone)]
+pub struct StopHandle {
+    shared: Arc<Shared>,
+    listener_fd: i32,
+}
+
+impl StopHandle {
+    pub fn stop(&self) {
+        if !self.shared.stopping.swap(true, SeqCst) {
+            tracing::info!("stopping: no new connections; finishing requests in flight");
+            // SAFETY: shutdown(2) on a descriptor the server owns for its whole life (the
+            // handle never outlives `Server::run`'s use of it in practice, and a stale fd
+            // number only makes the call fail). It wakes the blocked accept.
+            unsafe {
+                libc::shutdown(self.listener_fd, libc::SHUT_RDWR);
+            }
+        }
+    }
+}
+
+impl Server {
+    /// Open every namespace's devices and engine, then bind the listener.
+    pub fn start(cfg: Config) -> Result<Server, ServerError> {
+        let mut namespaces = Vec::new();
+        for ns in cfg.namespaces {
+            let name = ns.engine.namespace.clone();
+            let err = |source: EngineError| ServerError::Engine { namespace: name.clone(), source };
+            for d in &ns.devices {
+                if d.file_size.is_some() {
+                    if let Some(dir) = d.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                        std::fs::create_dir_all(dir)?;
+                    }
+                }
+            }
+            for opt in &ns.inactive {
+                tracing::info!("namespace {name}: {opt}: accepted, not yet active");
+            }
+            let devices = open_devices(&ns.devices, ns.engine.ring_entries).map_err(|e| err(e.into()))?;
+            tracing::info!("namespace {name}: {}", devices.describe());
+            let engine = Engine::open(ns.engine, Arc::new(devices)).map_err(err)?;
+            namespaces.push(Namespace { name, engine });
+        }
+        let addr = format!("{}:{}", cfg.service.address, cfg.service.port);
+        let sa: SocketAddr = addr.parse().map_err(|e| ServerError::Bind {
+            addr: addr.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")),
+        })?;
+        let listener = TcpListener::bind(sa).map_err(|source| ServerError::Bind { addr: addr.clone(), source })?;
+        let port = listener.local_addr()?.port();
+        let mut service = cfg.service;
+        service.port = port;
+        tracing::info!(
+            "listening on {}:{port}: max-connections {}, max-msg-size {}, request-deadline-ms {}, idle-timeout-secs {}",
+            service.address,
+            service.max_connections,
+            service.max_msg_bytes,
+            service.request_deadline_ms,
+            service.idle_timeout_secs
+        );
+        let shared = Arc::new(Shared {
+            node_id: node_id(port),
+            cfg: service,
+            namespaces,
+            stats: NetStats::default(),
+            stopping: AtomicBool::new(false),
+            started: Instant::now(),
+        });
+        Ok(Server { shared, listener })
+    }
+
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle { shared: self.shared.clone(), listener_fd: self.listener.as_raw_fd() }
+    }
+
+    pub fn local_port(&self) -> u16 {
+        self.shared.cfg.port
+    }
+
+    /// Accept connections until stopped, then let connections finish and shut the engines
+    /// down (flush, mark devices clean).
+    pub fn run(self) -> Result<(), ServerError> {
+        let sh = &self.shared;
+        loop {
+            match self.listener.accept() {
+                Ok((sock, peer)) => {
+                    if sh.stopping.load(SeqCst) {
+                        break;
+                    }
+                    self.spawn_connection(sock, peer);
+                }
+                Err(e) => {
+                    if sh.stopping.load(SeqCst) {
+                        break;
+                    }
+                    tracing::warn!("accept failed: {e}");
+                    // Out of descriptors or memory: back off instead of spinning.
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        let deadline = Instant::now() + DRAIN_WAIT;
+        while sh.stats.connections_current.load(SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let left = sh.stats.connections_current.load(SeqCst);
+        if left > 0 {
+            tracing::warn!("{left} connections still open after {DRAIN_WAIT:?}; shutting down anyway");
+        }
+        let mut result = Ok(());
+        for ns in &sh.namespaces {
+            if let Err(e) = ns.engine.shutdown() {
+                tracing::error!("namespace {}: shutdown failed: {e}", ns.name);
+                result = Err(ServerError::Engine { namespace: ns.name.clone(), source: e });
+            }
+        }
+        tracing::info!("stopped");
+        result
+    }
+
+    fn spawn_connection(&self, sock: std::net::TcpStream, peer: SocketAddr) {
+        let sh = &self.shared;
+        let n = sh.stats.connections_current.fetch_add(1, SeqCst);
+        if n >= sh.cfg.max_connections {
+            sh.stats.connections_current.fetch_sub(1, SeqCst);
+            NetStats::bump(&sh.stats.connections_refused);
+            tracing::debug!("refusing {peer}: {} connections open", n);
+            return; // dropping the socket closes it
+        }
+        NetStats::bump(&sh.stats.connections_opened);
+        let shared = sh.clone();
+        let spawned = std::thread::Builder::new().name("conn".into()).stack_size(CONN_STACK_BYTES).spawn(move || {
+            conn::serve(sock, peer, &shared);
+            shared.stats.connections_current.fetch_sub(1, SeqCst);
+        });
+        if let Err(e) = spawned {
+            sh.stats.connections_current.fetch_sub(1, SeqCst);
+            NetStats::bump(&sh.stats.connections_refused);
+            tracing::warn!("cannot start a thread for {peer}: {e}");
+        }
+    }
+}

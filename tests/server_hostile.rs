@@ -1,0 +1,257 @@
+//! Hostile input: random bytes, a header claiming a 2^47-byte body, bad version and type,
+//! malformed bodies, a one-byte-per-second sender, 1000 connections opened and dropped.
+//! During each, a well-behaved client keeps getting correct answers, and the server's
+//! resident memory stays bounded.
+
+mod server_support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferrospike_engine::UserKey;
+use rand::{Rng, SeedableRng};
+use server_support::{Scratch, ServerProc};
+
+fn frame(msg_type: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = ((2u64 << 56) | ((msg_type as u64) << 48) | body.len() as u64).to_be_bytes().to_vec();
+    f.extend_from_slice(body);
+    f
+}
+
+fn field(out: &mut Vec<u8>, t: u8, data: &[u8]) {
+    out.extend_from_slice(&(data.len() as u32 + 1).to_be_bytes());
+    out.push(t);
+    out.extend_from_slice(data);
+}
+
+/// A single-record AS_MSG for key `k` in set "h": a put of integer bin "v", or a get.
+fn request(k: i64, put: Option<i64>) -> Vec<u8> {
+    let digest = UserKey::Int(k).digest("h");
+    let (info1, info2, n_ops) = if put.is_some() { (0u8, 1u8, 1u16) } else { (3, 0, 0) };
+    let mut b = vec![22, info1, info2, 0, 0, 0];
+    b.extend_from_slice(&[0; 8]);
+    b.extend_from_slice(&1000u32.to_be_bytes());
+    b.extend_from_slice(&3u16.to_be_bytes());
+    b.extend_from_slice(&n_ops.to_be_bytes());
+    field(&mut b, 0, b"test");
+    field(&mut b, 1, b"h");
+    field(&mut b, 4, &digest.0);
+    if let Some(v) = put {
+        b.extend_from_slice(&13u32.to_be_bytes());
+        b.extend_from_slice(&[2, 1, 0, 1, b'v']);
+        b.extend_from_slice(&v.to_be_bytes());
+    }
+    frame(3, &b)
+}
+
+/// Read one response frame: (result code, first op's integer value if any).
+fn response(s: &mut TcpStream) -> std::io::Result<(u8, Option<i64>)> {
+    let mut h = [0u8; 8];
+    s.read_exact(&mut h)?;
+    let n = (u64::from_be_bytes(h) & ((1 << 48) - 1)) as usize;
+    assert!(n < 1 << 20, "response of {n} bytes");
+    let mut body = vec![0; n];
+    s.read_exact(&mut body)?;
+    let rc = body[5];
+    let n_ops = u16::from_be_bytes([body[20], body[21]]);
+    let v = (n_ops > 0 && body.len() >= 22 + 17).then(|| i64::from_be_bytes(body[22 + 9..22 + 17].try_into().unwrap()));
+    Ok((rc, v))
+}
+
+/// The well-behaved client: puts and gets on one connection, checking every answer.
+fn good_client(port: u16, stop: Arc<AtomicBool>, ok: Arc<AtomicU64>) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("good client connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut i = 0i64;
+    while !stop.load(SeqCst) {
+        let k = i % 500;
+        s.write_all(&request(k, Some(i))).expect("good client put");
+        assert_eq!(response(&mut s).expect("put answer"), (0, None), "put {i}");
+        s.write_all(&request(k, None)).expect("good client get");
+        assert_eq!(response(&mut s).expect("get answer"), (0, Some(i)), "get {i}");
+        ok.fetch_add(1, SeqCst);
+        i += 1;
+    }
+}
+
+/// True when the server closes `s` (EOF or reset) within `within`.
+fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut b = [0u8; 64];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+fn connect(port: u16) -> TcpStream {
+    TcpStream::connect(("127.0.0.1", port)).expect("connect")
+}
+
+#[test]
+fn hostile_clients_do_not_disturb_good_ones() {
+    let dir = Scratch::new("server-hostile");
+    let mut srv = ServerProc::start(&dir, "request-deadline-ms = 2000\nmax-msg-size = \"1M\"\nmax-connections = 2000");
+    let port = srv.port;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let good = {
+        let (stop, ok) = (stop.clone(), ok.clone());
+        std::thread::spawn(move || good_client(port, stop, ok))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let rss_start = srv.rss_kib();
+    let mut progress = ok.load(SeqCst);
+    let mut check_progress = |what: &str| {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = ok.load(SeqCst);
+        assert!(now > progress, "the good client stalled during {what}");
+        assert!(!good.is_finished(), "the good client failed during {what}");
+        progress = now;
+    };
+
+    // Random bytes: the server closes each connection (or answers) and keeps serving.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for _ in 0..50 {
+        let mut s = connect(port);
+        let n = rng.gen_range(1..8192);
+        let junk: Vec<u8> = (0..n).map(|_| rng.gen()).collect();
+        let _ = s.write_all(&junk);
+        let _ = closed_within(&mut s, Duration::from_millis(50));
+    }
+    check_progress("random bytes");
+
+    // A header claiming a 2^47-byte body: refused before any allocation, connection closed.
+    let mut s = connect(port);
+    s.write_all(&((2u64 << 56) | (3u64 << 48) | (1u64 << 47)).to_be_bytes()).unwrap();
+    assert!(closed_within(&mut s, Duration::from_secs(2)), "2^47-byte header not refused");
+    // Above max-msg-size (1M) but plausible: refused too.
+    let mut s = connect(port);
+    s.write_all(&((2u64 << 56) | (3u64 << 48) | (2 << 20)).to_be_bytes()).unwrap();
+    assert!(closed_within(&mut s, Duration::from_secs(2)), "2 MiB message not refused");
+    check_progress("huge headers");
+
+    // Bad version and bad type.
+    for h in [[1u8, 3, 0, 0, 0, 0, 0, 22], [2, 9, 0, 0, 0, 0, 0, 22], [0xff; 8]] {
+        let mut s = connect(port);
+        s.write_all(&h).unwrap();
+        s.write_all(&[0; 22]).unwrap();
+        assert!(closed_within(&mut s, Duration::from_secs(2)), "header {h:?} not refused");
+    }
+    check_progress("bad version and type");
+
+    // A parseable AS_MSG header with lying field sizes gets PARAMETER and the connection
+    // keeps working.
+    let mut s = connect(port);
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut body = vec![22, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0];
+    body.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0]);
+    s.write_all(&frame(3, &body)).unwrap();
+    assert_eq!(response(&mut s).unwrap().0, 4);
+    // more than 32768 ops
+    let mut body = vec![22, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x90, 0];
+    body.extend_from_slice(&[0; 8]);
+    s.write_all(&frame(3, &body)).unwrap();
+    assert_eq!(response(&mut s).unwrap().0, 4);
+    s.write_all(&request(1, Some(5))).unwrap();
+    assert_eq!(response(&mut s).unwrap().0, 0);
+    // a CDT op is UNSUPPORTED_FEATURE
+    let mut cdt = request(1, Some(5));
+    cdt[8 + 22 + 9 + 6 + 25 + 4] = 4;
+    s.write_all(&cdt).unwrap();
+    assert_eq!(response(&mut s).unwrap().0, 16);
+    // a truncated AS_MSG header closes the connection
+    s.write_all(&frame(3, &[22, 0, 0])).unwrap();
+    assert!(closed_within(&mut s, Duration::from_secs(2)));
+    check_progress("malformed bodies");
+
+    // A sender of one byte per second is cut off at the request deadline (2 s).
+    let mut s = connect(port);
+    let req = request(3, None);
+    let t = Instant::now();
+    let mut cut = false;
+    for b in &req {
+        if s.write_all(&[*b]).is_err() {
+            cut = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        if t.elapsed() > Duration::from_secs(6) {
+            break;
+        }
+        check_progress("a slow sender");
+    }
+    assert!(cut || closed_within(&mut s, Duration::from_secs(1)), "slow sender not cut off");
+    assert!(t.elapsed() < Duration::from_secs(7));
+
+    // 1000 connections opened and dropped, 100 at a time.
+    for _ in 0..10 {
+        let conns: Vec<TcpStream> = (0..100).map(|_| connect(port)).collect();
+        drop(conns);
+    }
+    check_progress("1000 connections");
+    // Half-sent requests on 200 connections, then dropped.
+    let conns: Vec<TcpStream> = (0..200)
+        .map(|_| {
+            let mut s = connect(port);
+            let _ = s.write_all(&request(9, Some(1))[..20]);
+            s
+        })
+        .collect();
+    drop(conns);
+    check_progress("half-sent requests");
+
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_end = srv.rss_kib();
+    stop.store(true, SeqCst);
+    good.join().expect("the good client saw a wrong answer");
+    let stats = srv.info("statistics\n");
+    assert!(stats.contains("proto_too_large=2"), "{stats}");
+    assert!(!stats.contains("proto_malformed=0;"), "{stats}");
+    assert!(!stats.contains("proto_request_deadline_expired=0;"), "{stats}");
+    eprintln!("good client round trips: {}; RSS {rss_start} KiB -> {rss_end} KiB", ok.load(SeqCst));
+    assert!(rss_end < rss_start + 64 * 1024, "RSS grew from {rss_start} KiB to {rss_end} KiB");
+    assert!(srv.stop().success());
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let dir = Scratch::new("server-pipeline");
+    let mut srv = ServerProc::start(&dir, "max-inflight = 16");
+    let mut s = connect(srv.port);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // 300 puts then 300 gets (plus an info frame in the middle) in one write: more than
+    // max-inflight at once, spread over both shards.
+    let mut burst = Vec::new();
+    for k in 0..300 {
+        burst.extend_from_slice(&request(k, Some(k * 7)));
+    }
+    burst.extend_from_slice(&frame(1, b"build\n"));
+    for k in 0..300 {
+        burst.extend_from_slice(&request(k, None));
+    }
+    s.write_all(&burst).unwrap();
+    for k in 0..300 {
+        assert_eq!(response(&mut s).unwrap(), (0, None), "put {k}");
+    }
+    let mut h = [0u8; 8];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(h[1], 1, "the info answer comes in its place");
+    let mut body = vec![0; (u64::from_be_bytes(h) & 0xffff_ffff) as usize];
+    s.read_exact(&mut body).unwrap();
+    assert_eq!(body, b"build\t8.1.0.0\n");
+    for k in 0..300 {
+        assert_eq!(response(&mut s).unwrap(), (0, Some(k * 7)), "get {k}");
+    }
+    drop(s);
+    assert!(srv.stop().success());
+}
