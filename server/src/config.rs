@@ -42,7 +42,7 @@ pub const REFERENCE: &str = r#"CONFIGURATION (TOML, Aerospike option names):
   [[namespaces]]                 one table per namespace
     name = "test"
     default-ttl = 0              seconds; 0 = records never expire unless a TTL is sent
-    nsup-period = 120            expiry sweep period (accepted; not yet active)
+    nsup-period = 120            seconds between expiry sweeps (0: none)
 
   [namespaces.storage]
     devices = ["/dev/nvme0n1"]   raw block devices (their contents are destroyed on first use;
@@ -50,13 +50,14 @@ pub const REFERENCE: &str = r#"CONFIGURATION (TOML, Aerospike option names):
     files = ["data/test.dat"]    regular files, created sparse with
     file-size = "4G"             the size of each file
     write-block-size = "1M"      power of two, 128K..8M
-    defrag-lwm-pct = 50          defragment write blocks below this fill (not yet active)
+    defrag-lwm-pct = 50          defragment write blocks below this fill (percent)
+    defrag-sleep = 1000          microseconds between two defragmented write blocks
     flush-max-ms = 1000          write a partial write block after this long
     commit-to-device = false     acknowledge writes only once durable on the device
     post-write-cache = "64M"     recently written blocks kept in memory for reads
     max-write-cache = "64M"      bytes queued for the device before writes get
                                  DEVICE_OVERLOAD (18)
-    stop-writes-avail-pct = 5    stop writes below this free space (not yet active)
+    stop-writes-avail-pct = 5    client writes get OUT_OF_SPACE below this free space (percent)
 
 Sizes are integers (bytes) or strings with K, M, G, T suffixes (powers of 1024).
 With no --config the embedded default serves namespace "test" from a sparse 4 GiB
@@ -164,6 +165,7 @@ struct RawStorage {
     post_write_cache: Option<Size>,
     max_write_cache: Option<Size>,
     stop_writes_avail_pct: Option<u32>,
+    defrag_sleep: Option<u64>,
 }
 
 /// Service (network) options.
@@ -186,8 +188,6 @@ pub struct ServiceConfig {
 pub struct NamespaceConfig {
     pub engine: EngineConfig,
     pub devices: Vec<DeviceSpec>,
-    /// Accepted options the engine does not act on yet, for a start-up log line.
-    pub inactive: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -282,18 +282,15 @@ fn namespace(i: usize, ns: RawNamespace, shards: usize) -> Result<NamespaceConfi
     if let Some(v) = &st.max_write_cache {
         e.max_write_cache_bytes = v.bytes(&skey("max-write-cache"))?;
     }
-    let mut inactive = vec![format!("nsup-period = {}", ns.nsup_period)];
+    e.nsup_period_secs = ns.nsup_period as u64;
     if let Some(v) = st.defrag_lwm_pct {
-        if v > 99 {
-            return Err(bad(skey("defrag-lwm-pct"), "must be 0..99"));
-        }
-        inactive.push(format!("defrag-lwm-pct = {v}"));
+        e.defrag_lwm_pct = v;
+    }
+    if let Some(v) = st.defrag_sleep {
+        e.defrag_sleep_us = v;
     }
     if let Some(v) = st.stop_writes_avail_pct {
-        if v > 99 {
-            return Err(bad(skey("stop-writes-avail-pct"), "must be 0..99"));
-        }
-        inactive.push(format!("stop-writes-avail-pct = {v}"));
+        e.stop_writes_avail_pct = v;
     }
     e.validate().map_err(|err| match err {
         ferrospike_engine::EngineError::Config { key: k, reason } => {
@@ -325,7 +322,7 @@ fn namespace(i: usize, ns: RawNamespace, shards: usize) -> Result<NamespaceConfi
             devices.extend(st.files.into_iter().map(|path| DeviceSpec { path, file_size: Some(size) }));
         }
     }
-    Ok(NamespaceConfig { engine: e, devices, inactive })
+    Ok(NamespaceConfig { engine: e, devices })
 }
 
 #[cfg(test)]
@@ -377,7 +374,9 @@ mod tests {
         assert!(ns.engine.commit_to_device);
         assert_eq!(ns.engine.shards, 2);
         assert_eq!(ns.devices[0].file_size, None);
-        assert_eq!(ns.inactive.len(), 3);
+        assert_eq!(ns.engine.defrag_lwm_pct, 50);
+        assert_eq!(ns.engine.stop_writes_avail_pct, 5);
+        assert_eq!(ns.engine.nsup_period_secs, 120);
     }
 
     fn err(text: &str) -> String {

@@ -102,7 +102,20 @@ impl InfoSource for Shared {
             kv("cache_read_misses", s.cache_misses.to_string()),
             kv("read_errors", s.read_errors.to_string()),
             kv("write_errors", s.write_errors.to_string()),
-            kv("stop_writes", s.read_only.to_string()),
+            kv("stop_writes", (s.read_only || s.avail_pct < c.stop_writes_avail_pct as f64).to_string()),
+            kv("read_only", s.read_only.to_string()),
+            kv("defrag_q", s.defrag_queue.to_string()),
+            kv("defrag_reads", s.defrag_reads.to_string()),
+            kv("defrag_read_bytes", s.defrag_read_bytes.to_string()),
+            kv("defrag_write_bytes", s.defrag_write_bytes.to_string()),
+            kv("client_write_bytes", s.client_write_bytes.to_string()),
+            kv("write_amplification", format!("{:.2}", s.write_amplification)),
+            kv("expired_objects", s.expired.to_string()),
+            kv("evicted_objects", s.evicted.to_string()),
+            kv("tombstones_dropped", s.tombstones_dropped.to_string()),
+            kv("defrag-lwm-pct", c.defrag_lwm_pct.to_string()),
+            kv("stop-writes-avail-pct", c.stop_writes_avail_pct.to_string()),
+            kv("nsup-period", c.nsup_period_secs.to_string()),
             kv("default-ttl", c.default_ttl_secs.to_string()),
             kv("write-block-size", c.wblock_bytes.to_string()),
             kv("commit-to-device", c.commit_to_device.to_string()),
@@ -191,9 +204,19 @@ impl Server {
                     }
                 }
             }
-            for opt in &ns.inactive {
-                tracing::info!("namespace {name}: {opt}: accepted, not yet active");
-            }
+            let c = &ns.engine;
+            tracing::info!(
+                "namespace {name}: write-block-size {} KiB, commit-to-device {}, flush-max-ms {}, post-write-cache {} MiB, \
+                 defrag-lwm-pct {}, stop-writes-avail-pct {}, nsup-period {} s, default-ttl {} s",
+                c.wblock_bytes >> 10,
+                c.commit_to_device,
+                c.flush_max_ms,
+                c.post_write_cache_bytes >> 20,
+                c.defrag_lwm_pct,
+                c.stop_writes_avail_pct,
+                c.nsup_period_secs,
+                c.default_ttl_secs
+            );
             let devices = open_devices(&ns.devices, ns.engine.ring_entries).map_err(|e| err(e.into()))?;
             tracing::info!("namespace {name}: {}", devices.describe());
             let engine = Engine::open(ns.engine, Arc::new(devices)).map_err(err)?;
