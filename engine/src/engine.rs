@@ -53,11 +53,15 @@ impl Engine {
         tracing::info!("namespace {}: I/O: {}", cfg.namespace, io.describe());
         let headers = prepare_headers(&cfg, &devices, io.as_mut())?;
         let previous_clean = headers.iter().all(|h| h.clean());
-        tracing::info!(
-            "namespace {}: previous shutdown was {}",
-            cfg.namespace,
-            if previous_clean { "clean" } else { "NOT clean (crash or kill): recovering from the device contents" }
-        );
+        if headers.iter().all(|h| h.write_seq == 0) {
+            tracing::info!("namespace {}: new devices", cfg.namespace);
+        } else {
+            tracing::info!(
+                "namespace {}: previous shutdown was {}",
+                cfg.namespace,
+                if previous_clean { "clean" } else { "NOT clean (crash or kill): recovering from the device contents" }
+            );
+        }
         // Mark every device in use (not clean) before anything else is written.
         let mut headers: Vec<DeviceHeader> = headers;
         for (d, h) in headers.iter_mut().enumerate() {
