@@ -5,6 +5,7 @@
 // Policies are adjusted field by field, as the client's own examples do.
 #![allow(clippy::field_reassign_with_default)]
 
+mod common;
 mod server_support;
 
 use std::time::Duration;

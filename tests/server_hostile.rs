@@ -3,6 +3,7 @@
 //! During each, a well-behaved client keeps getting correct answers, and the server's
 //! resident memory stays bounded.
 
+mod common;
 mod server_support;
 
 use std::io::{Read, Write};

@@ -3,6 +3,7 @@
 //! `target/pyenv` that .ci/run creates (`python3 -m venv target/pyenv &&
 //! target/pyenv/bin/pip install aerospike`).
 
+mod common;
 mod server_support;
 
 use std::path::PathBuf;

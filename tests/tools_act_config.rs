@@ -1,6 +1,7 @@
 //! ferrospike-act's configuration: every ACT key, every default, unknown keys, bad values,
 //! and the rates ACT derives for its published load definitions.
 
+mod common;
 mod tools_support;
 
 use ferrospike_tools::act::config::{ActConfig, ConfigError, KEYS};

@@ -2,6 +2,7 @@
 //! and a summary. On a loop device when running as root (created with direct I/O on a
 //! sparse file and always detached), else on a regular file.
 
+mod common;
 mod tools_support;
 
 use tools_support::{parse_act_reports, run_tool, LoopDevice, Scratch};

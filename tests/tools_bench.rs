@@ -1,6 +1,7 @@
 //! ferrospike-bench against a `ferrospike` server: a linear insert, then RU,50 for 3
 //! seconds with no errors, the JSON summary written; the server is killed by PID at the end.
 
+mod common;
 mod tools_support;
 
 use tools_support::{run_tool, Scratch, Server};

@@ -2,6 +2,7 @@
 //! and names the damaged record (by digest, with a non-zero exit status) after a bit flip;
 //! `header`, `get`, `wblocks` and `dump-wblock` read it.
 
+mod common;
 mod tools_support;
 
 use std::os::unix::fs::FileExt;

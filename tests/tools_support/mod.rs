@@ -40,31 +40,8 @@ pub fn run_tool(tool: &str, args: &[&str]) -> Run {
     }
 }
 
-/// A scratch directory under the cargo target directory (O_DIRECT works there, unlike on a
-/// tmpfs /tmp), removed on drop.
-pub struct Scratch(pub PathBuf);
-
-impl Scratch {
-    pub fn new(name: &str) -> Scratch {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-            "{name}-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        Scratch(dir)
-    }
-
-    pub fn path(&self, f: &str) -> PathBuf {
-        self.0.join(f)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+/// Scratch directories are the end-to-end tests' common ones.
+pub use crate::common::TestDir as Scratch;
 
 /// A loop device over a sparse file (direct I/O on), detached on drop.
 pub struct LoopDevice {
