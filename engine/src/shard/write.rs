@@ -1,0 +1,354 @@
+//! The write path of a shard: appending records to open wblocks, flushing (group commit),
+//! timers, space (live bytes, freeing, the post-write cache) and I/O completions.
+
+use super::*;
+
+impl Shard {
+    /// Put an encoded record into the open wblock of `dev`'s `stream`; returns its location.
+    pub(super) fn append(&mut self, dev: u32, stream: usize, rec: &mut [u8]) -> Result<Loc, ResultCode> {
+        let wb = self.wb() as usize;
+        let s = slot(dev, stream);
+        let fits = |o: &OpenWb| o.pos + rec.len() <= wb;
+        if self.open[s].as_ref().is_some_and(|o| !fits(o)) {
+            self.seal(s);
+        }
+        if self.open[s].is_none() {
+            self.open_wblock(dev, stream, crate::format::is_tombstone(rec))?;
+        }
+        let o = self.open[s].as_mut().expect("opened above");
+        let off = o.pos;
+        let loc = self.shared.record_loc(dev, o.w as u64 * wb as u64 + off as u64);
+        bind_record(rec, &loc);
+        o.buf.write_at(off, rec);
+        o.pos += rec.len();
+        o.first_unflushed.get_or_insert_with(Instant::now);
+        self.shared.add_live(dev, o.w, rec.len() as u32);
+        if !crate::format::is_tombstone(rec) {
+            let seq = crate::format::record_seq(rec);
+            let mw = self.mem.get_mut(&(dev, o.w)).expect("open wblock is in memory");
+            mw.use_min_seq = mw.use_min_seq.min(seq);
+            self.shared.devs[dev as usize].min_seq[o.w as usize].fetch_min(seq, Relaxed);
+        }
+        Ok(Loc { dev, offset: o.w as u64 * wb as u64 + off as u64, size: rec.len() as u32 })
+    }
+
+    pub(super) fn open_wblock(&mut self, dev: u32, stream: usize, tombstone: bool) -> Result<(), ResultCode> {
+        // The last few free wblocks are kept for defrag (and deletes), so space can always be
+        // won back.
+        if stream == CLIENT && !tombstone && self.free[dev as usize].len() <= self.reserve_wblocks {
+            return Err(ResultCode::OutOfSpace);
+        }
+        let w = self.free[dev as usize].pop_front().ok_or(ResultCode::OutOfSpace)?;
+        let seq = self.shared.next_wblock_seq.fetch_add(1, Relaxed);
+        let d = &self.shared.devs[dev as usize];
+        d.seq[w as usize].store(seq, Relaxed);
+        d.writer[w as usize].store(self.id as u32, Relaxed);
+        let buf = Rc::new(WBuf::new(self.io.alloc(self.wb() as usize)));
+        let h = WblockHeader {
+            shard: self.id as u16,
+            wblock_seq: seq,
+            wblock_id: w,
+            device_index: dev,
+            device_id: d.header.device_id,
+        };
+        buf.write_at(0, &h.encode());
+        self.mem.insert((dev, w), MemWb { buf: buf.clone(), inflight: 0, sealed: false, use_min_seq: u64::MAX });
+        self.wstate[dev as usize][w as usize] = WState::Open;
+        self.open[slot(dev, stream)] = Some(OpenWb {
+            dev,
+            w,
+            buf,
+            pos: WBLOCK_HEADER_BYTES,
+            flushed: 0,
+            first_unflushed: None,
+            acks: Vec::new(),
+            releases: Vec::new(),
+            commit_inflight: 0,
+        });
+        self.shared.stats[self.id].free_wblocks.fetch_sub(1, Relaxed);
+        Ok(())
+    }
+
+    /// Write the open wblock's remaining bytes and retire it to the post-write cache.
+    pub(super) fn seal(&mut self, s: usize) {
+        self.flush(s, self.shared.cfg.commit_to_device || s % 2 == DEFRAG);
+        let o = self.open[s].take().expect("sealing an open wblock");
+        let dev = o.dev;
+        let mw = self.mem.get_mut(&(dev, o.w)).expect("open wblock is in memory");
+        mw.sealed = true;
+        self.wstate[dev as usize][o.w as usize] = WState::Used;
+        debug_assert!(o.acks.is_empty() && o.releases.is_empty());
+        if mw.inflight == 0 {
+            self.retire(dev, o.w);
+        }
+    }
+
+    /// Hand the unflushed tail of an open wblock to the device.
+    pub(super) fn flush(&mut self, s: usize, dsync: bool) {
+        let wb = self.wb() as usize;
+        let Some(o) = self.open[s].as_mut() else { return };
+        let dev = o.dev;
+        if o.pos == o.flushed {
+            return;
+        }
+        let end = o.pos.div_ceil(FLUSH_ALIGN).saturating_mul(FLUSH_ALIGN).min(wb);
+        o.buf.zero(o.pos, end);
+        o.buf.freeze_to(end);
+        let start = o.flushed;
+        let w = o.w;
+        let info = WriteInfo {
+            slot: s,
+            dev,
+            w,
+            first: start == 0,
+
+            bytes: end - start,
+            acks: std::mem::take(&mut o.acks),
+            releases: std::mem::take(&mut o.releases),
+            commit: dsync && self.shared.cfg.commit_to_device,
+        };
+        if info.commit {
+            o.commit_inflight += 1;
+        }
+        self.inflight_write_bytes += (end - start) as u64;
+        o.pos = end;
+        o.flushed = end;
+        o.first_unflushed = None;
+        let buf = o.buf.clone();
+        let tag = self.tag();
+        self.io.push(IoRequest {
+            tag,
+            dev,
+            offset: w as u64 * wb as u64 + start as u64,
+            op: IoOp::Write { buf, start, end, dsync },
+        });
+        self.writes.insert(tag, info);
+        self.mem.get_mut(&(dev, w)).expect("flushed wblock is in memory").inflight += 1;
+    }
+
+    pub(super) fn commit_flushes(&mut self) {
+        if !self.shared.cfg.commit_to_device {
+            return;
+        }
+        for d in 0..self.open.len() {
+            let due =
+                self.open[d].as_ref().is_some_and(|o| !o.acks.is_empty() && o.commit_inflight < MAX_COMMITS_IN_FLIGHT);
+            if due {
+                self.flush(d, true);
+            }
+        }
+    }
+
+    pub(super) fn timers(&mut self) {
+        let flush_every = Duration::from_millis(self.shared.cfg.flush_max_ms);
+        for d in 0..self.open.len() {
+            let due = self.open[d].as_ref().and_then(|o| o.first_unflushed).is_some_and(|t| t.elapsed() >= flush_every);
+            if due {
+                self.flush(d, d % 2 == DEFRAG);
+            }
+        }
+        if self.last_timer.elapsed() >= flush_every {
+            self.last_timer = Instant::now();
+            self.fsync_all();
+        }
+        if self.last_sweep.elapsed() >= SWEEP_EVERY {
+            self.last_sweep = Instant::now();
+            self.sweep_empty();
+            self.publish_stats();
+            for buf in std::mem::take(&mut self.unrecycled) {
+                self.recycle(buf);
+            }
+        }
+        let nsup = self.shared.cfg.nsup_period_secs;
+        if nsup > 0 && self.last_nsup.elapsed() >= Duration::from_secs(nsup) {
+            self.last_nsup = Instant::now();
+            self.nsup();
+        }
+        if self.stopping.is_none() {
+            self.defrag_tick();
+        }
+    }
+
+    pub(super) fn fsync_all(&mut self) {
+        for d in 0..self.writes_since_fsync.len() {
+            if self.writes_since_fsync[d] && !self.fsync_inflight[d] {
+                self.writes_since_fsync[d] = false;
+                self.fsync_inflight[d] = true;
+                let tag = self.tag();
+                self.io.push(IoRequest { tag, dev: d as u32, offset: 0, op: IoOp::Fsync });
+                self.fsyncs.insert(tag, d as u32);
+            }
+        }
+    }
+
+    /// Free wblocks of this shard whose live bytes were released by other shards.
+    pub(super) fn sweep_empty(&mut self) {
+        for d in 0..self.wstate.len() {
+            for w in 1..self.wstate[d].len() {
+                if self.wstate[d][w] == WState::Used && self.shared.live(d as u32, w as u32) == 0 {
+                    self.maybe_free(d as u32, w as u32);
+                }
+            }
+        }
+    }
+
+    pub(super) fn publish_stats(&self) {
+        let s = &self.shared.stats[self.id];
+        s.records.store(self.index.records(), Relaxed);
+        s.tombstones.store(self.index.tombstones(), Relaxed);
+        s.index_bytes.store(self.index.memory_bytes(), Relaxed);
+        s.write_cache_bytes.store(self.write_cache_bytes(), Relaxed);
+    }
+
+    // ------------------------------------------------------------------ space
+
+    pub(super) fn release(&mut self, loc: Loc) {
+        let w = (loc.offset / self.wb()) as u32;
+        let left = self.shared.sub_live(loc.dev, w, loc.size);
+        if left == 0 && self.shared.wblock_owner(w) == self.id {
+            self.maybe_free(loc.dev, w);
+        }
+    }
+
+    /// Free a wblock with no live bytes, unless it is open or still being written.
+    pub(super) fn maybe_free(&mut self, dev: u32, w: u32) {
+        if self.wstate[dev as usize][w as usize] != WState::Used || self.shared.live(dev, w) != 0 {
+            return;
+        }
+        if let Some(mw) = self.mem.get(&(dev, w)) {
+            if mw.inflight > 0 || !mw.sealed {
+                return;
+            }
+            self.drop_from_memory(dev, w);
+        }
+        self.wstate[dev as usize][w as usize] = WState::Free;
+        self.free[dev as usize].push_back(w);
+        self.shared.stats[self.id].free_wblocks.fetch_add(1, Relaxed);
+    }
+
+    /// A sealed wblock whose writes all completed: keep it in the post-write cache.
+    pub(super) fn retire(&mut self, dev: u32, w: u32) {
+        if self.shared.live(dev, w) == 0 {
+            self.maybe_free(dev, w);
+            return;
+        }
+        self.cache.push_back((dev, w));
+        while self.cache.len() > self.cache_limit {
+            let (d, ow) = self.cache.pop_front().expect("non-empty");
+            self.drop_from_memory(d, ow);
+        }
+    }
+
+    pub(super) fn drop_from_memory(&mut self, dev: u32, w: u32) {
+        if let Some(mw) = self.mem.remove(&(dev, w)) {
+            self.cache.retain(|&k| k != (dev, w));
+            self.recycle(mw.buf);
+        }
+    }
+
+    /// Return a wblock buffer to the backend (its arena slot, if any) once nothing else
+    /// holds it; buffers still referenced are retried on later turns.
+    pub(super) fn recycle(&mut self, buf: Rc<WBuf>) {
+        match Rc::try_unwrap(buf) {
+            Ok(wbuf) => self.io.free(wbuf.into_inner()),
+            Err(still) => self.unrecycled.push(still),
+        }
+    }
+
+    /// Give every wblock buffer back to the backend (arena slots must return before the
+    /// ring goes away).
+    pub(super) fn release_buffers(&mut self) {
+        self.open.iter_mut().for_each(|o| drop(o.take()));
+        let keys: Vec<(u32, u32)> = self.mem.keys().copied().collect();
+        for (d, w) in keys {
+            self.drop_from_memory(d, w);
+        }
+    }
+
+    pub(super) fn latch_read_only(&mut self) {
+        if !self.read_only {
+            self.read_only = true;
+            self.shared.stats[self.id].read_only.store(true, Relaxed);
+            tracing::error!(
+                "shard {}: a device write failed; this shard is now READ-ONLY (writes answer error 1) \
+                 until the device is fixed and the server restarted",
+                self.id
+            );
+        }
+    }
+
+    // ------------------------------------------------------------------ completions
+
+    pub(super) fn complete(&mut self, c: IoCompletion) {
+        if let Some(info) = self.writes.remove(&c.tag) {
+            self.write_done(info, c);
+        } else if let Some(p) = self.reads.remove(&c.tag) {
+            self.read_done(p, c);
+        } else if let Some((dev, w)) = self.defrag.reads.remove(&c.tag) {
+            self.defrag_read_done(dev, w, c);
+        } else if let Some(d) = self.fsyncs.remove(&c.tag) {
+            self.fsync_inflight[d as usize] = false;
+            if let Err(e) = c.result {
+                tracing::error!("shard {}: fsync of device {d} failed: {e}", self.id);
+                self.shared.stats[self.id].write_errors.fetch_add(1, Relaxed);
+                self.latch_read_only();
+            }
+        } else {
+            panic!("completion for unknown tag {}", c.tag);
+        }
+    }
+
+    pub(super) fn write_done(&mut self, info: WriteInfo, c: IoCompletion) {
+        // Drop the completion's reference to the wblock buffer first, so a retired buffer
+        // can go back to the arena below.
+        let IoCompletion { result, op, .. } = c;
+        drop(op);
+        let stats = &self.shared.stats[self.id];
+        self.inflight_write_bytes -= info.bytes as u64;
+        if let Some(o) = self.open[info.slot].as_mut() {
+            if o.w == info.w && info.commit {
+                o.commit_inflight -= 1;
+            }
+        }
+        match result {
+            Ok(_) => {
+                stats.device_writes.fetch_add(1, Relaxed);
+                stats.device_write_bytes.fetch_add(info.bytes as u64, Relaxed);
+                self.writes_since_fsync[info.dev as usize] = true;
+                if info.first {
+                    // The previous use of this wblock is overwritten for good: only this
+                    // use's data records bound the oldest data on the device now.
+                    let cur = self.mem.get(&(info.dev, info.w)).map_or(u64::MAX, |m| m.use_min_seq);
+                    self.shared.devs[info.dev as usize].min_seq[info.w as usize].store(cur, Relaxed);
+                }
+                for loc in info.releases {
+                    self.release(loc);
+                }
+                for (cb, reply) in info.acks {
+                    cb(reply);
+                }
+            }
+            Err(e) => {
+                stats.write_errors.fetch_add(1, Relaxed);
+                tracing::error!("shard {}: write of device {} wblock {} failed: {e}", self.id, info.dev, info.w);
+                self.latch_read_only();
+                for (cb, _) in info.acks {
+                    cb(Reply::error(ResultCode::ServerError));
+                }
+            }
+        }
+        let mw = self.mem.get_mut(&(info.dev, info.w)).expect("written wblock is in memory");
+        mw.inflight -= 1;
+        if mw.sealed && mw.inflight == 0 {
+            self.retire(info.dev, info.w);
+        }
+        if !self.flush_waiters.is_empty() {
+            let oldest = self.writes.keys().min().copied().unwrap_or(u64::MAX);
+            let (ready, wait): (Vec<_>, Vec<_>) = self.flush_waiters.drain(..).partition(|(mark, _)| oldest >= *mark);
+            self.flush_waiters = wait;
+            for (_, done) in ready {
+                done();
+            }
+        }
+    }
+}
