@@ -222,14 +222,15 @@ impl Engine {
         rx.recv().unwrap_or(failed)
     }
 
-    /// Write every buffered record durably on every shard, and wait.
-    pub fn flush(&self) {
+    /// Send every shard the message `make` builds around a completion callback, and wait
+    /// until each has called it (or has gone away).
+    fn broadcast(&self, make: impl Fn(crate::shard::Done) -> Msg) {
         let (tx, rx) = bounded(self.senders.len());
         for s in 0..self.senders.len() {
             let tx = tx.clone();
             let _ = self.send(
                 s,
-                Msg::Flush(Box::new(move || {
+                make(Box::new(move || {
                     let _ = tx.send(());
                 })),
             );
@@ -238,21 +239,15 @@ impl Engine {
         while rx.recv().is_ok() {}
     }
 
+    /// Write every buffered record durably on every shard, and wait.
+    pub fn flush(&self) {
+        self.broadcast(Msg::Flush);
+    }
+
     /// Statistics, current as of this call (each running shard publishes its counters first).
     pub fn stats(&self) -> EngineStats {
         if !self.stopped.load(Relaxed) {
-            let (tx, rx) = bounded(self.senders.len());
-            for s in 0..self.senders.len() {
-                let tx = tx.clone();
-                let _ = self.send(
-                    s,
-                    Msg::Stats(Box::new(move || {
-                        let _ = tx.send(());
-                    })),
-                );
-            }
-            drop(tx);
-            while rx.recv().is_ok() {}
+            self.broadcast(Msg::Stats);
         }
         EngineStats::collect(&self.shared, self.previous_clean)
     }
@@ -286,16 +281,7 @@ impl Engine {
     }
 
     fn stop_shards(&self, abort: bool) {
-        let (tx, rx) = bounded(self.senders.len());
-        for s in 0..self.senders.len() {
-            let tx = tx.clone();
-            let done: Box<dyn FnOnce() + Send> = Box::new(move || {
-                let _ = tx.send(());
-            });
-            let _ = self.send(s, if abort { Msg::Abort(done) } else { Msg::Stop(done) });
-        }
-        drop(tx);
-        while rx.recv().is_ok() {}
+        self.broadcast(if abort { Msg::Abort } else { Msg::Stop });
         for t in self.threads.lock().expect("threads lock").drain(..) {
             let _ = t.join();
         }
