@@ -275,16 +275,9 @@ fn make_bins(specs: &[BinSpec], rng: &mut Rng) -> Vec<(String, Value)> {
 }
 
 pub fn main(args: Vec<String>) -> i32 {
-    let o = match parse_args(&args) {
+    let o = match crate::options_or_exit(parse_args(&args), USAGE, "ferrospike-bench") {
         Ok(o) => o,
-        Err(m) if m == USAGE => {
-            print!("{USAGE}");
-            return 0;
-        }
-        Err(m) => {
-            eprintln!("ferrospike-bench: {m}");
-            return 2;
-        }
+        Err(code) => return code,
     };
     run(&o)
 }

@@ -154,16 +154,9 @@ pub(crate) type Named = (String, Arc<OpHist>);
 
 /// Entry point of the binary; returns the exit status.
 pub fn main(args: Vec<String>) -> i32 {
-    let opts = match parse_args(&args) {
+    let opts = match crate::options_or_exit(parse_args(&args), USAGE, "ferrospike-act") {
         Ok(o) => o,
-        Err(msg) if msg == USAGE => {
-            print!("{USAGE}");
-            return 0;
-        }
-        Err(msg) => {
-            eprintln!("ferrospike-act: {msg}");
-            return 2;
-        }
+        Err(code) => return code,
     };
     let cfg = match ActConfig::load(&opts.config_path) {
         Ok(c) => c,

@@ -135,16 +135,9 @@ fn user_key(k: &str, t: &str) -> Result<UserKey, String> {
 }
 
 pub fn main(args: Vec<String>) -> i32 {
-    let opts = match parse_args(&args) {
+    let opts = match crate::options_or_exit(parse_args(&args), USAGE, "ferrospike-inspect") {
         Ok(o) => o,
-        Err(m) if m == USAGE => {
-            print!("{USAGE}");
-            return 0;
-        }
-        Err(m) => {
-            eprintln!("ferrospike-inspect: {m}");
-            return 2;
-        }
+        Err(code) => return code,
     };
     match run(&opts) {
         Ok(code) => code,
