@@ -55,7 +55,7 @@ fn round_trip(spec: DeviceSpec) {
         assert!(got == common::gen_bins(SEED, i as u64), "record {i} differs after restart");
     });
     // The stored user key comes back too.
-    let page = engine.scan_partition(common::digest_of(7).0.partition(), None, usize::MAX, false);
+    let page = engine.scan_partition(common::digest_of(7).0.partition(), None, None, usize::MAX, false);
     assert!(page.records.iter().any(|r| r.key.as_deref() == Some(&common::digest_of(7).1[..])));
     engine.shutdown().unwrap();
 }

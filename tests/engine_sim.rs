@@ -365,7 +365,7 @@ fn partition_scan_pages() {
         let mut after = None;
         let mut got = Vec::new();
         loop {
-            let page = engine.scan_partition(pid, after, 1, true);
+            let page = engine.scan_partition(pid, None, after, 1, true);
             assert_eq!(page.result, ResultCode::Ok);
             for r in &page.records {
                 assert_eq!(r.set, "demo");

@@ -257,3 +257,77 @@ async fn batch_scan_and_restart() {
     client.close().await.unwrap();
     assert!(srv.stop().success());
 }
+
+fn set_objects(info: &str, set: &str) -> Option<u64> {
+    info.split(';')
+        .find(|l| l.contains(&format!(":set={set}:")))
+        .and_then(|l| l.split(':').find_map(|kv| kv.strip_prefix("objects=")).and_then(|v| v.parse().ok()))
+}
+
+async fn sets_info(client: &Client) -> String {
+    let info = client.info(&AdminPolicy::default(), &["sets"]).await.unwrap();
+    info.get("sets").cloned().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_sets_and_restart() {
+    let dir = Scratch::new("server-client-truncate");
+    let mut srv = ServerProc::start(&dir, "");
+    let client = connect(&srv).await;
+    let wp = WritePolicy::default();
+    let rp = ReadPolicy::default();
+    for i in 0..100i64 {
+        client.put(&wp, &as_key!("test", "gone", i), &[as_bin!("v", i)]).await.unwrap();
+    }
+    for i in 0..30i64 {
+        client.put(&wp, &as_key!("test", "early", i), &[as_bin!("v", i)]).await.unwrap();
+    }
+    let sets = sets_info(&client).await;
+    assert_eq!(set_objects(&sets, "gone"), Some(100), "{sets}");
+    assert_eq!(set_objects(&sets, "early"), Some(30), "{sets}");
+
+    // a set truncate, as the client sends it (no lut: now)
+    let ap = AdminPolicy::default();
+    client.truncate(&ap, "test", "gone", 0).await.expect("truncate set");
+    for i in [0i64, 50, 99] {
+        assert!(!client.exists(&rp, &as_key!("test", "gone", i)).await.unwrap(), "key {i} survived the truncate");
+    }
+    assert_eq!(scan_keys(&client, "gone", 0).await.len(), 0);
+    assert_eq!(scan_keys(&client, "early", 0).await.len(), 30);
+    let sets = sets_info(&client).await;
+    assert_eq!(set_objects(&sets, "gone"), Some(0), "{sets}");
+    assert!(!sets.contains("set=gone:objects=0:tombstones=0:truncate_lut=0:"), "{sets}");
+
+    // a namespace truncate before a time: what was written before it goes, later writes stay
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let cut_nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for i in 0..40i64 {
+        client.put(&wp, &as_key!("test", "late", i), &[as_bin!("v", i)]).await.unwrap();
+    }
+    client.truncate(&ap, "test", "", cut_nanos).await.expect("truncate namespace");
+    assert!(!client.exists(&rp, &as_key!("test", "early", 3)).await.unwrap());
+    assert!(client.exists(&rp, &as_key!("test", "late", 3)).await.unwrap());
+
+    // bad requests get an error, not a crash
+    let bad = client
+        .info(&ap, &["truncate:namespace=nope;set=x", "truncate-namespace:namespace=test;lut=99999999999999999999"])
+        .await
+        .unwrap();
+    assert!(bad.values().all(|v| v.starts_with("ERROR")), "{bad:?}");
+    let future = (cut_nanos + 3_600_000_000_000).to_string();
+    assert!(client.truncate(&ap, "test", "late", future.parse().unwrap()).await.is_err());
+
+    // restart: the truncated records stay gone, the later ones are there
+    client.close().await.unwrap();
+    assert!(srv.stop().success());
+    srv.restart();
+    let client = connect(&srv).await;
+    assert_eq!(scan_keys(&client, "gone", 0).await.len(), 0);
+    assert_eq!(scan_keys(&client, "early", 0).await.len(), 0);
+    assert_eq!(scan_keys(&client, "late", 0).await.len(), 40);
+    let sets = sets_info(&client).await;
+    assert_eq!(set_objects(&sets, "late"), Some(40), "{sets}");
+    client.close().await.unwrap();
+    assert!(srv.stop().success());
+}

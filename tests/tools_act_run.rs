@@ -119,9 +119,10 @@ fn refuses_ferrospike_devices_without_force() {
         device_bytes: 16 << 20,
         format_time_ms: 0,
         namespace_signature: 1,
+        truncates: Vec::new(),
     };
     let mut img = vec![0u8; 16 << 20];
-    img[..128].copy_from_slice(&h.encode());
+    img[..4096].copy_from_slice(&h.encode());
     std::fs::write(&dev, &img).unwrap();
     let cfg = dir.path("act.conf");
     std::fs::write(&cfg, format!("device-names: {}\ntest-duration-sec: 1\nread-reqs-per-sec: 100\n", dev.display()))

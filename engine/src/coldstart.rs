@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use crate::error::DeviceError;
 use crate::format::{
-    claimed_wblock_seq, padded, verify_record, RecordLoc, RecordMeta, WblockHeader, RECORD_HEADER_BYTES, RECORD_MAGIC,
-    WBLOCK_HEADER_BYTES,
+    claimed_wblock_seq, padded, record_set, verify_record, RecordLoc, RecordMeta, WblockHeader, RECORD_HEADER_BYTES,
+    RECORD_MAGIC, WBLOCK_HEADER_BYTES,
 };
 use crate::index::{lut_mask, seq_mask, Index, IndexEntry, Loc};
 use crate::io::{IoBackend, IoOp, IoRequest};
-use crate::shared::Shared;
+use crate::shared::{truncate_cutoff, Shared};
 
 /// What one wblock holds.
 #[derive(Debug, Default)]
@@ -134,6 +134,9 @@ pub(crate) fn scan_slice(io: &mut dyn IoBackend, shared: &Shared, shard: usize) 
     let mut done_bytes = 0u64;
     let mut spare: Vec<crate::io::AlignedBuf> = Vec::new();
     let mut comps = Vec::new();
+    let truncates = shared.truncates.read().expect("truncates lock").clone();
+    // Set name → (set id, truncate cutoff), so each record costs one map lookup.
+    let mut sets: std::collections::HashMap<Vec<u8>, (u16, u64)> = std::collections::HashMap::new();
     while next < todo.len() || io.in_flight() > 0 {
         while next < todo.len() && io.in_flight() < qd {
             let (d, w) = todo[next];
@@ -149,7 +152,6 @@ pub(crate) fn scan_slice(io: &mut dyn IoBackend, shared: &Shared, shard: usize) 
             c.result?;
             let dev = &shared.devs[d as usize];
             let scan = scan_wblock(&buf, dev.header.device_id, d, w);
-            spare.push(buf);
             dev.seq[w as usize].store(scan.seq, Relaxed);
             let min_data = scan.records.iter().filter(|r| !r.0.tombstone).map(|r| r.0.seq).min().unwrap_or(u64::MAX);
             dev.min_seq[w as usize].store(min_data, Relaxed);
@@ -158,6 +160,27 @@ pub(crate) fn scan_slice(io: &mut dyn IoBackend, shared: &Shared, shard: usize) 
             stats.cold_records.fetch_add(scan.records.len() as u64, Relaxed);
             for (meta, off, plen, has_key) in scan.records {
                 max_seq = max_seq.max(meta.seq);
+                let set = record_set(&buf[off as usize..]);
+                let (set_id, cutoff) = match sets.get(set) {
+                    Some(&v) => v,
+                    None => {
+                        let name = String::from_utf8_lossy(set).into_owned();
+                        let id = shared.sets.intern(&name).unwrap_or_else(|| {
+                            tracing::warn!(
+                                "more than {} sets: records of set {name} counted as no set",
+                                crate::shared::MAX_SETS
+                            );
+                            0
+                        });
+                        let v = (id, truncate_cutoff(&truncates, &name));
+                        sets.insert(set.to_vec(), v);
+                        v
+                    }
+                };
+                if meta.last_update_ms < cutoff {
+                    stats.cold_truncated.fetch_add(1, Relaxed);
+                    continue;
+                }
                 keep_newest(
                     &mut index,
                     IndexEntry {
@@ -167,12 +190,14 @@ pub(crate) fn scan_slice(io: &mut dyn IoBackend, shared: &Shared, shard: usize) 
                         last_update_ms: lut_mask(meta.last_update_ms),
                         void_time: meta.void_time,
                         generation: meta.generation,
+                        set_id,
                         tombstone: meta.tombstone,
                         key_stored: has_key,
                         fresh: false,
                     },
                 );
             }
+            spare.push(buf);
             done_bytes += wb;
             stats.cold_bytes.fetch_add(wb, Relaxed);
         }

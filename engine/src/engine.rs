@@ -11,12 +11,12 @@ use crate::api::{Command, Reply, ScanPage};
 use crate::coldstart::{keep_newest, scan_slice};
 use crate::config::EngineConfig;
 use crate::error::{DeviceError, EngineError};
-use crate::format::{DeviceHeader, HEADER_COPY_STRIDE, HEADER_FLAG_CLEAN};
+use crate::format::{DeviceHeader, TruncateEntry, HEADER_COPY_STRIDE, HEADER_FLAG_CLEAN};
 use crate::index::{IndexEntry, MAX_DEVICES, MAX_DEVICE_BYTES};
 use crate::io::{run_sync, AlignedBuf, DeviceSet, Doorbell, IoBackend, IoOp, IoRequest, WBuf};
 use crate::shard::{Msg, Shard};
-use crate::shared::{DevShared, EngineStats, ShardStats, Shared};
-use crate::types::{now_cl_ms, Digest, ResultCode};
+use crate::shared::{DevShared, EngineStats, SetRegistry, ShardStats, Shared};
+use crate::types::{now_cl_ms, Digest, ResultCode, MAX_SET_NAME_BYTES};
 
 /// The start-up channel on which shards hand each other index entries.
 type ExchangePair = (Sender<Vec<IndexEntry>>, Receiver<Vec<IndexEntry>>);
@@ -88,11 +88,22 @@ impl Engine {
             })
             .collect();
         let n_shards = cfg.shards;
+        let truncates = merge_truncates(&headers);
+        for t in &truncates {
+            tracing::info!(
+                "namespace {}: truncate in force: {} before {} ms (Citrusleaf epoch)",
+                cfg.namespace,
+                if t.set.is_empty() { "every record".to_string() } else { format!("set {}", t.set) },
+                t.before_ms
+            );
+        }
         let shared = Arc::new(Shared {
             devs,
             n_shards,
             next_wblock_seq: AtomicU64::new(1),
             stats: (0..n_shards).map(|_| ShardStats::default()).collect(),
+            sets: SetRegistry::new(),
+            truncates: std::sync::RwLock::new(truncates),
             cfg,
         });
         let mut engine = Engine {
@@ -208,15 +219,31 @@ impl Engine {
         rx.recv().unwrap_or_else(|_| Reply::error(ResultCode::ServerError))
     }
 
-    /// Up to `max` live records of partition `pid` in digest order, after `after`.
-    pub fn scan_partition(&self, pid: u16, after: Option<Digest>, max: usize, with_bins: bool) -> ScanPage {
+    /// Up to `max` live records of partition `pid` in digest order, after `after`; only
+    /// records of `set` when one is given.
+    pub fn scan_partition(
+        &self,
+        pid: u16,
+        set: Option<&str>,
+        after: Option<Digest>,
+        max: usize,
+        with_bins: bool,
+    ) -> ScanPage {
+        let set = match set {
+            None => None,
+            Some(name) => match self.shared.sets.id(name) {
+                Some(id) => Some(id),
+                // No record of this set was ever seen: nothing to scan.
+                None => return ScanPage { result: ResultCode::Ok, records: Vec::new(), done: true },
+            },
+        };
         let (tx, rx) = bounded(1);
         let shard = self.shared.shard_of_partition(pid);
         let cb = Box::new(move |p: ScanPage| {
             let _ = tx.send(p);
         });
         let failed = ScanPage { result: ResultCode::ServerError, records: Vec::new(), done: true };
-        if self.send(shard, Msg::Scan { pid: pid & 0x0fff, after, max, with_bins, cb }).is_err() {
+        if self.send(shard, Msg::Scan { pid: pid & 0x0fff, set, after, max, with_bins, cb }).is_err() {
             return failed;
         }
         rx.recv().unwrap_or(failed)
@@ -237,6 +264,68 @@ impl Engine {
         }
         drop(tx);
         while rx.recv().is_ok() {}
+    }
+
+    /// Remove every record of `set` (every record of the namespace when `None`) last updated
+    /// before `before_ms` (ms since the Citrusleaf epoch; `None`: now), durably: the
+    /// truncate is written to every device header before any record is dropped, and a cold
+    /// start ignores the records it covers. Returns the cutoff used.
+    pub fn truncate(&self, set: Option<&str>, before_ms: Option<u64>) -> Result<u64, TruncateError> {
+        let now = now_cl_ms();
+        if let Some(b) = before_ms.filter(|&b| b > now) {
+            return Err(TruncateError::Future { before_ms: b, now_ms: now });
+        }
+        let name = set.unwrap_or("");
+        if set.is_some_and(|s| s.is_empty() || s.len() > MAX_SET_NAME_BYTES) {
+            return Err(TruncateError::BadSet(name.to_string()));
+        }
+        if self.stopped.load(Relaxed) {
+            return Err(TruncateError::Stopped);
+        }
+        let before;
+        {
+            // Persist first: once any record is gone from the index, a restart must not
+            // bring it back.
+            let mut headers = self.headers.lock().expect("headers lock");
+            let mut table = self.shared.truncates.read().expect("truncates lock").clone();
+            // "Now" covers every write acknowledged before this call, including those of the
+            // current millisecond and those stamped with an earlier cutoff (shards give
+            // writes made after a truncate a last-update time at or after its cutoff).
+            let latest = table.iter().map(|t| t.before_ms).max().unwrap_or(0);
+            before = before_ms.unwrap_or((now_cl_ms() + 1).max(latest + 1));
+            match table.iter_mut().find(|t| t.set == name) {
+                Some(t) if t.before_ms >= before => {}
+                Some(t) => t.before_ms = before,
+                None => table.push(TruncateEntry { set: name.to_string(), before_ms: before }),
+            }
+            if set.is_none() {
+                // A namespace-wide truncate covers every set truncate at or before it.
+                table.retain(|t| t.set.is_empty() || t.before_ms > before);
+            }
+            if !DeviceHeader::truncates_fit(&table) {
+                return Err(TruncateError::TableFull);
+            }
+            let mut io = self.devices.open_backend(None, 0, 0).map_err(|e| TruncateError::Device(e.to_string()))?;
+            for (d, h) in headers.iter_mut().enumerate() {
+                h.truncates = table.clone();
+                write_header(io.as_mut(), d as u32, h).map_err(|e| TruncateError::Device(e.to_string()))?;
+            }
+            *self.shared.truncates.write().expect("truncates lock") = table;
+        }
+        let set_id = match set {
+            None => None,
+            Some(s) => match self.shared.sets.id(s) {
+                Some(id) => Some(id),
+                None => return Ok(before),
+            },
+        };
+        self.broadcast(|done| Msg::Truncate { set_id, before_ms: before, done });
+        tracing::info!(
+            "namespace {}: truncated {} (records last updated before {before} ms)",
+            self.shared.cfg.namespace,
+            set.map_or("every set".to_string(), |s| format!("set {s}"))
+        );
+        Ok(before)
     }
 
     /// Write every buffered record durably on every shard, and wait.
@@ -381,6 +470,33 @@ fn shard_main(
     shard.run();
 }
 
+/// Why a truncate was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TruncateError {
+    #[error("truncate time {before_ms} is in the future (now {now_ms}, ms since 2010-01-01)")]
+    Future { before_ms: u64, now_ms: u64 },
+    #[error("bad set name '{0}' (1 to 63 bytes)")]
+    BadSet(String),
+    #[error("too many truncated sets: the device header's truncate table is full")]
+    TableFull,
+    #[error("writing the truncate to the device headers failed: {0}")]
+    Device(String),
+    #[error("the namespace is shutting down")]
+    Stopped,
+}
+
+/// The truncates of every device header, merged: the latest time per set.
+fn merge_truncates(headers: &[DeviceHeader]) -> Vec<TruncateEntry> {
+    let mut out: Vec<TruncateEntry> = Vec::new();
+    for t in headers.iter().flat_map(|h| &h.truncates) {
+        match out.iter_mut().find(|o| o.set == t.set) {
+            Some(o) => o.before_ms = o.before_ms.max(t.before_ms),
+            None => out.push(t.clone()),
+        }
+    }
+    out
+}
+
 /// Read, check or create the header of every device.
 fn prepare_headers(
     cfg: &EngineConfig,
@@ -454,6 +570,7 @@ fn prepare_headers(
                     device_bytes: usable,
                     format_time_ms: now_cl_ms(),
                     namespace_signature: signature,
+                    truncates: Vec::new(),
                 };
                 tracing::info!(
                     "{}: blank device, formatting for namespace {} ({} MiB, {} write blocks of {} KiB)",

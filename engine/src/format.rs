@@ -18,7 +18,30 @@ pub const DEVICE_HEADER_BYTES: usize = 128;
 /// Each header copy occupies one 4 KiB sector: copy A at 0, copy B at 4096.
 pub const HEADER_COPY_STRIDE: u64 = 4096;
 pub const HEADER_FLAG_CLEAN: u32 = 0x1;
+/// The header sector holds a truncate table after the 128 checksummed bytes.
+pub const HEADER_FLAG_TRUNCATES: u32 = 0x2;
 const NS_NAME_BYTES: usize = 32;
+/// The truncate table: count (u32) and byte length (u32) at this offset, entries after them,
+/// its own CRC-32C in the sector's last 4 bytes.
+const TRUNCATE_TABLE_AT: usize = DEVICE_HEADER_BYTES;
+const TRUNCATE_CRC_AT: usize = HEADER_COPY_STRIDE as usize - 4;
+/// Bytes available for truncate entries.
+pub const TRUNCATE_TABLE_BYTES: usize = TRUNCATE_CRC_AT - TRUNCATE_TABLE_AT - 8;
+
+/// A persisted truncate: records of `set` ("" = every record of the namespace) whose
+/// last-update time is before `before_ms` (ms since the Citrusleaf epoch) are gone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TruncateEntry {
+    pub set: String,
+    pub before_ms: u64,
+}
+
+impl TruncateEntry {
+    /// Bytes the entry takes in the table: set name length, name, time.
+    pub fn encoded_len(&self) -> usize {
+        1 + self.set.len() + 8
+    }
+}
 
 /// The device header, stored twice at the start of the device (wblock 0 is reserved for it).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +58,8 @@ pub struct DeviceHeader {
     pub format_time_ms: u64,
     /// Random value shared by every device of the namespace, chosen when it was formatted.
     pub namespace_signature: u64,
+    /// Truncates in force (at most one entry per set; see [`TruncateEntry`]).
+    pub truncates: Vec<TruncateEntry>,
 }
 
 const _: () = assert!(DEVICE_HEADER_BYTES == 128);
@@ -45,9 +70,21 @@ impl DeviceHeader {
         self.flags & HEADER_FLAG_CLEAN != 0
     }
 
-    pub fn encode(&self) -> [u8; DEVICE_HEADER_BYTES] {
+    /// Whether the truncate table fits in the header sector.
+    pub fn truncates_fit(truncates: &[TruncateEntry]) -> bool {
+        truncates.iter().map(TruncateEntry::encoded_len).sum::<usize>() <= TRUNCATE_TABLE_BYTES
+    }
+
+    /// One header copy: a whole 4 KiB sector.
+    pub fn encode(&self) -> Vec<u8> {
         assert!(self.namespace.len() <= NS_NAME_BYTES);
-        let mut b = [0u8; DEVICE_HEADER_BYTES];
+        assert!(Self::truncates_fit(&self.truncates), "truncate table overflows the header sector");
+        let mut b = vec![0u8; HEADER_COPY_STRIDE as usize];
+        let flags = if self.truncates.is_empty() {
+            self.flags & !HEADER_FLAG_TRUNCATES
+        } else {
+            self.flags | HEADER_FLAG_TRUNCATES
+        };
         b[0..8].copy_from_slice(&DEVICE_MAGIC);
         put_u32(&mut b, 8, FORMAT_VERSION);
         put_u32(&mut b, 12, DEVICE_HEADER_BYTES as u32);
@@ -57,13 +94,64 @@ impl DeviceHeader {
         put_u32(&mut b, 64, self.wblock_bytes);
         put_u32(&mut b, 68, self.device_index);
         put_u32(&mut b, 72, self.n_devices);
-        put_u32(&mut b, 76, self.flags);
+        put_u32(&mut b, 76, flags);
         put_u64(&mut b, 80, self.device_bytes);
         put_u64(&mut b, 88, self.format_time_ms);
         put_u64(&mut b, 96, self.namespace_signature);
         let crc = crc32c::crc32c(&b[..124]);
         put_u32(&mut b, 124, crc);
+        if !self.truncates.is_empty() {
+            let mut at = TRUNCATE_TABLE_AT + 8;
+            for t in &self.truncates {
+                assert!(t.set.len() <= MAX_SET_NAME_BYTES);
+                b[at] = t.set.len() as u8;
+                b[at + 1..at + 1 + t.set.len()].copy_from_slice(t.set.as_bytes());
+                at += 1 + t.set.len();
+                put_u64(&mut b, at, t.before_ms);
+                at += 8;
+            }
+            put_u32(&mut b, TRUNCATE_TABLE_AT, self.truncates.len() as u32);
+            put_u32(&mut b, TRUNCATE_TABLE_AT + 4, (at - TRUNCATE_TABLE_AT - 8) as u32);
+            let crc = crc32c::crc32c(&b[TRUNCATE_TABLE_AT..at]);
+            put_u32(&mut b, TRUNCATE_CRC_AT, crc);
+        }
         b
+    }
+
+    /// Parse the truncate table of a header sector whose flags say it has one.
+    fn decode_truncates(b: &[u8]) -> Result<Vec<TruncateEntry>, FormatError> {
+        if b.len() < HEADER_COPY_STRIDE as usize {
+            return Err(FormatError::Truncated { need: HEADER_COPY_STRIDE as usize, have: b.len() });
+        }
+        let count = get_u32(b, TRUNCATE_TABLE_AT) as usize;
+        let len = get_u32(b, TRUNCATE_TABLE_AT + 4) as usize;
+        if len > TRUNCATE_TABLE_BYTES {
+            return Err(FormatError::Malformed("truncate table longer than its space"));
+        }
+        let end = TRUNCATE_TABLE_AT + 8 + len;
+        let stored = get_u32(b, TRUNCATE_CRC_AT);
+        let computed = crc32c::crc32c(&b[TRUNCATE_TABLE_AT..end]);
+        if stored != computed {
+            return Err(FormatError::Checksum { stored, computed });
+        }
+        let mut out = Vec::with_capacity(count.min(len));
+        let mut at = TRUNCATE_TABLE_AT + 8;
+        for _ in 0..count {
+            let n = *b.get(at).ok_or(FormatError::Malformed("truncate table entry past its end"))? as usize;
+            if n > MAX_SET_NAME_BYTES || at + 1 + n + 8 > end {
+                return Err(FormatError::Malformed("truncate table entry past its end"));
+            }
+            let set = std::str::from_utf8(&b[at + 1..at + 1 + n])
+                .map_err(|_| FormatError::Malformed("truncated set name is not UTF-8"))?
+                .to_string();
+            at += 1 + n;
+            out.push(TruncateEntry { set, before_ms: get_u64(b, at) });
+            at += 8;
+        }
+        if at != end {
+            return Err(FormatError::Malformed("truncate table length disagrees with its entries"));
+        }
+        Ok(out)
     }
 
     pub fn decode(b: &[u8]) -> Result<DeviceHeader, FormatError> {
@@ -87,6 +175,8 @@ impl DeviceHeader {
         let namespace = std::str::from_utf8(&ns_raw[..ns_len])
             .map_err(|_| FormatError::Malformed("namespace is not UTF-8"))?
             .to_string();
+        let flags = get_u32(b, 76);
+        let truncates = if flags & HEADER_FLAG_TRUNCATES != 0 { Self::decode_truncates(b)? } else { Vec::new() };
         Ok(DeviceHeader {
             write_seq: get_u64(b, 16),
             device_id: get_u64(b, 24),
@@ -94,10 +184,12 @@ impl DeviceHeader {
             wblock_bytes: get_u32(b, 64),
             device_index: get_u32(b, 68),
             n_devices: get_u32(b, 72),
-            flags: get_u32(b, 76),
+            // The table bit is derived from `truncates` on the way out.
+            flags: flags & !HEADER_FLAG_TRUNCATES,
             device_bytes: get_u64(b, 80),
             format_time_ms: get_u64(b, 88),
             namespace_signature: get_u64(b, 96),
+            truncates,
         })
     }
 }
@@ -351,6 +443,12 @@ pub fn verify_record(b: &[u8], loc: &RecordLoc, max_len: usize) -> Result<(Recor
 }
 
 /// Whether an encoded record is a tombstone (header flag; not verified).
+/// The set name bytes of a verified record starting at `b[0]` (empty when it has none).
+pub fn record_set(b: &[u8]) -> &[u8] {
+    let n = b.get(13).copied().unwrap_or(0) as usize;
+    b.get(RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + n).unwrap_or(&[])
+}
+
 pub fn is_tombstone(b: &[u8]) -> bool {
     b[12] & REC_FLAG_TOMBSTONE != 0
 }
@@ -496,11 +594,32 @@ mod tests {
             device_bytes: 64 << 20,
             format_time_ms: 5,
             namespace_signature: 11,
+            truncates: Vec::new(),
         };
         let mut b = h.encode();
+        assert_eq!(b.len(), HEADER_COPY_STRIDE as usize);
         assert_eq!(DeviceHeader::decode(&b).unwrap(), h);
         b[40] ^= 1;
         assert!(matches!(DeviceHeader::decode(&b), Err(FormatError::Checksum { .. })));
+        // With a truncate table: round trip, and damage to the table is caught by its CRC.
+        let t = DeviceHeader {
+            truncates: vec![
+                TruncateEntry { set: String::new(), before_ms: 1 },
+                TruncateEntry { set: "demo".into(), before_ms: 1 << 40 },
+            ],
+            ..h.clone()
+        };
+        let mut b = t.encode();
+        assert_eq!(DeviceHeader::decode(&b).unwrap(), t);
+        b[DEVICE_HEADER_BYTES + 10] ^= 1;
+        assert!(matches!(DeviceHeader::decode(&b), Err(FormatError::Checksum { .. })));
+        // The table's capacity: 63-byte names, as many as fit.
+        let long = TruncateEntry { set: "s".repeat(MAX_SET_NAME_BYTES), before_ms: 9 };
+        let n = TRUNCATE_TABLE_BYTES / long.encoded_len();
+        let full = DeviceHeader { truncates: vec![long.clone(); n], ..h.clone() };
+        assert!(DeviceHeader::truncates_fit(&full.truncates));
+        assert_eq!(DeviceHeader::decode(&full.encode()).unwrap(), full);
+        assert!(!DeviceHeader::truncates_fit(&vec![long; n + 1]));
         let w = WblockHeader { shard: 1, wblock_seq: 3, wblock_id: 4, device_index: 0, device_id: 8 };
         let mut b = w.encode();
         assert_eq!(WblockHeader::decode(&b).unwrap(), w);

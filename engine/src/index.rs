@@ -1,7 +1,7 @@
 //! The in-memory index: per partition, digest → location and metadata.
 //!
 //! Memory layout, chosen for ≤ 64 bytes per record including the map's own overhead:
-//! entries are 46-byte packed records in a chunked arena (no growth slack beyond one chunk,
+//! entries are 48-byte packed records (set id included) in a chunked arena (no growth slack beyond one chunk,
 //! freed slots reused through an intrusive free list), and each partition has a hash table
 //! of 4-byte arena slot numbers (hashbrown: 5 bytes per bucket). The digest is already
 //! uniformly distributed, so its bytes are the hash.
@@ -57,6 +57,8 @@ pub struct IndexEntry {
     pub last_update_ms: u64,
     pub void_time: u32,
     pub generation: u16,
+    /// The record's set, as numbered by the namespace's set registry (0: no set).
+    pub set_id: u16,
     pub tombstone: bool,
     pub key_stored: bool,
     /// The record was created when the index had no entry for its digest, so no older data
@@ -72,7 +74,7 @@ const F_KEY: u8 = 0x2;
 const F_FRESH: u8 = 0x4;
 const F_FREE: u8 = 0x80;
 
-/// Packed arena slot: 46 bytes, alignment 1.
+/// Packed arena slot: 48 bytes, alignment 1.
 #[derive(Clone, Copy)]
 struct Slot {
     digest: [u8; 20],
@@ -81,10 +83,11 @@ struct Slot {
     lut: [u8; 5],
     void_time: [u8; 4],
     generation: [u8; 2],
+    set_id: [u8; 2],
     flags: u8,
 }
 
-const _: () = assert!(std::mem::size_of::<Slot>() == 46);
+const _: () = assert!(std::mem::size_of::<Slot>() == 48);
 const EMPTY_SLOT: Slot = Slot {
     digest: [0; 20],
     loc: [0; 8],
@@ -92,6 +95,7 @@ const EMPTY_SLOT: Slot = Slot {
     lut: [0; 5],
     void_time: [0; 4],
     generation: [0; 2],
+    set_id: [0; 2],
     flags: F_FREE,
 };
 
@@ -104,6 +108,7 @@ impl Slot {
         s.lut.copy_from_slice(&e.last_update_ms.to_le_bytes()[..5]);
         s.void_time = e.void_time.to_le_bytes();
         s.generation = e.generation.to_le_bytes();
+        s.set_id = e.set_id.to_le_bytes();
         s.flags = (e.tombstone as u8 * F_TOMBSTONE) | (e.key_stored as u8 * F_KEY) | (e.fresh as u8 * F_FRESH);
         s
     }
@@ -120,6 +125,7 @@ impl Slot {
             last_update_ms: u64::from_le_bytes(lut),
             void_time: u32::from_le_bytes(self.void_time),
             generation: u16::from_le_bytes(self.generation),
+            set_id: u16::from_le_bytes(self.set_id),
             tombstone: self.flags & F_TOMBSTONE != 0,
             key_stored: self.flags & F_KEY != 0,
             fresh: self.flags & F_FRESH != 0,
@@ -184,6 +190,8 @@ pub struct Index {
     parts: Vec<HashTable<u32>>,
     records: u64,
     tombstones: u64,
+    /// Live (non-tombstone) entries per set id.
+    set_records: Vec<u64>,
 }
 
 impl Default for Index {
@@ -199,6 +207,7 @@ impl Index {
             parts: (0..N_PARTITIONS).map(|_| HashTable::new()).collect(),
             records: 0,
             tombstones: 0,
+            set_records: Vec::new(),
         }
     }
 
@@ -257,6 +266,19 @@ impl Index {
     fn count(&mut self, e: &IndexEntry, delta: i64) {
         let c = if e.tombstone { &mut self.tombstones } else { &mut self.records };
         *c = c.checked_add_signed(delta).expect("index counters");
+        if !e.tombstone {
+            let i = e.set_id as usize;
+            if i >= self.set_records.len() {
+                self.set_records.resize(i + 1, 0);
+            }
+            let c = &mut self.set_records[i];
+            *c = c.checked_add_signed(delta).expect("index set counters");
+        }
+    }
+
+    /// Live (non-tombstone) entries per set id (index = set id; missing ids have none).
+    pub fn set_records(&self) -> &[u64] {
+        &self.set_records
     }
 
     /// Entries of one partition, in no particular order.
@@ -332,6 +354,7 @@ mod tests {
             last_update_ms: i * 7,
             void_time: i as u32,
             generation: (i % 65535) as u16 + 1,
+            set_id: (i % 5) as u16,
             tombstone: i.is_multiple_of(10),
             key_stored: i.is_multiple_of(2),
             fresh: i.is_multiple_of(3),
@@ -363,6 +386,10 @@ mod tests {
         let live = model.values().filter(|e| !e.tombstone).count() as u64;
         assert_eq!(idx.records(), live);
         assert_eq!(idx.tombstones(), model.len() as u64 - live);
+        for set in 0..5u16 {
+            let n = model.values().filter(|e| !e.tombstone && e.set_id == set).count() as u64;
+            assert_eq!(idx.set_records().get(set as usize).copied().unwrap_or(0), n);
+        }
         let total: usize = (0..N_PARTITIONS as u16).map(|p| idx.partition_len(p)).sum();
         assert_eq!(total, model.len());
     }

@@ -21,7 +21,7 @@ pub mod types;
 
 pub use api::{Command, ExistsAction, GenPolicy, Op, OpResult, Reply, ScanPage, ScanRecord, Ttl};
 pub use config::EngineConfig;
-pub use engine::{erase_devices, Engine};
+pub use engine::{erase_devices, Engine, TruncateError};
 pub use error::{DeviceError, EngineError, FormatError};
-pub use shared::EngineStats;
+pub use shared::{EngineStats, SetStats};
 pub use types::{Bin, Digest, ResultCode, UserKey, Value};

@@ -2,11 +2,72 @@
 //! (atomics, because after a shard-count change a record may live in a wblock owned by
 //! another shard), the global wblock sequence, and statistics.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Mutex, RwLock};
 
 use crate::config::EngineConfig;
-use crate::format::{DeviceHeader, RecordLoc};
+use crate::format::{DeviceHeader, RecordLoc, TruncateEntry};
 use crate::io::DeviceInfo;
+
+/// Most sets a namespace can hold (Aerospike's limit too); set ids are 1..=MAX_SETS.
+pub const MAX_SETS: usize = 4095;
+
+/// Set names numbered for the index (id 0 is "no set"). Ids live only in memory: a cold
+/// start numbers the sets it finds afresh.
+pub(crate) struct SetRegistry {
+    inner: RwLock<SetNames>,
+}
+
+struct SetNames {
+    names: Vec<String>,
+    ids: HashMap<String, u16>,
+}
+
+impl SetRegistry {
+    pub fn new() -> SetRegistry {
+        let ids = HashMap::from([(String::new(), 0u16)]);
+        SetRegistry { inner: RwLock::new(SetNames { names: vec![String::new()], ids }) }
+    }
+
+    pub fn id(&self, name: &str) -> Option<u16> {
+        self.inner.read().expect("set registry lock").ids.get(name).copied()
+    }
+
+    /// The id of `name`, numbering it if new; `None` when the namespace already has
+    /// `MAX_SETS` sets.
+    pub fn intern(&self, name: &str) -> Option<u16> {
+        if let Some(id) = self.id(name) {
+            return Some(id);
+        }
+        let mut g = self.inner.write().expect("set registry lock");
+        if let Some(&id) = g.ids.get(name) {
+            return Some(id);
+        }
+        if g.names.len() > MAX_SETS {
+            return None;
+        }
+        let id = g.names.len() as u16;
+        g.names.push(name.to_string());
+        g.ids.insert(name.to_string(), id);
+        Some(id)
+    }
+
+    pub fn name(&self, id: u16) -> String {
+        self.inner.read().expect("set registry lock").names.get(id as usize).cloned().unwrap_or_default()
+    }
+
+    /// Every set name, indexed by id (entry 0 is "").
+    pub fn names(&self) -> Vec<String> {
+        self.inner.read().expect("set registry lock").names.clone()
+    }
+}
+
+/// The truncate time in force for a set: the later of the namespace-wide truncate and the
+/// set's own (0 when neither exists).
+pub fn truncate_cutoff(table: &[TruncateEntry], set: &str) -> u64 {
+    table.iter().filter(|t| t.set.is_empty() || t.set == set).map(|t| t.before_ms).max().unwrap_or(0)
+}
 
 pub(crate) struct DevShared {
     pub info: DeviceInfo,
@@ -37,6 +98,9 @@ pub(crate) struct Shared {
     pub n_shards: usize,
     pub next_wblock_seq: AtomicU64,
     pub stats: Vec<ShardStats>,
+    pub sets: SetRegistry,
+    /// Truncates in force (as persisted in the device headers).
+    pub truncates: RwLock<Vec<TruncateEntry>>,
 }
 
 impl Shared {
@@ -132,6 +196,10 @@ pub(crate) struct ShardStats {
     pub defrag_queue: AtomicU64,
     pub expired: AtomicU64,
     pub tombstones_dropped: AtomicU64,
+    pub truncated: AtomicU64,
+    pub cold_truncated: AtomicU64,
+    /// Live records per set id, as of the shard's last `publish_stats`.
+    pub set_records: Mutex<Vec<u64>>,
 }
 
 /// A snapshot of the namespace's statistics.
@@ -177,6 +245,22 @@ pub struct EngineStats {
     /// Records evicted (always 0: Ferrospike does not evict).
     pub evicted: u64,
     pub tombstones_dropped: u64,
+    /// Records removed by truncates in this run.
+    pub truncated: u64,
+    /// Records a cold start ignored because a truncate covers them.
+    pub cold_start_truncated: u64,
+    /// Per set (those with records or a truncate), in set-name order.
+    pub sets: Vec<SetStats>,
+}
+
+/// Statistics of one set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetStats {
+    pub name: String,
+    pub records: u64,
+    /// The set's truncate time in force (ms since the Citrusleaf epoch; 0: none), the
+    /// namespace-wide one included.
+    pub truncate_before_ms: u64,
 }
 
 impl EngineStats {
@@ -209,7 +293,40 @@ impl EngineStats {
             s.defrag_write_bytes += st.defrag_write_bytes.load(Relaxed);
             s.expired += st.expired.load(Relaxed);
             s.tombstones_dropped += st.tombstones_dropped.load(Relaxed);
+            s.truncated += st.truncated.load(Relaxed);
+            s.cold_start_truncated += st.cold_truncated.load(Relaxed);
         }
+        let names = shared.sets.names();
+        let mut per_set = vec![0u64; names.len()];
+        for st in &shared.stats {
+            for (i, n) in st.set_records.lock().expect("set stats lock").iter().enumerate() {
+                if let Some(c) = per_set.get_mut(i) {
+                    *c += n;
+                }
+            }
+        }
+        let truncates = shared.truncates.read().expect("truncates lock").clone();
+        let mut sets: Vec<SetStats> = names
+            .iter()
+            .zip(&per_set)
+            .skip(1)
+            .map(|(name, &records)| SetStats {
+                name: name.clone(),
+                records,
+                truncate_before_ms: truncate_cutoff(&truncates, name),
+            })
+            .collect();
+        for t in truncates.iter().filter(|t| !t.set.is_empty()) {
+            if !names.contains(&t.set) {
+                sets.push(SetStats {
+                    name: t.set.clone(),
+                    records: 0,
+                    truncate_before_ms: truncate_cutoff(&truncates, &t.set),
+                });
+            }
+        }
+        sets.sort_by(|a, b| a.name.cmp(&b.name));
+        s.sets = sets;
         s.avail_pct = if s.total_wblocks == 0 { 0.0 } else { 100.0 * s.free_wblocks as f64 / s.total_wblocks as f64 };
         s.write_amplification =
             if s.client_write_bytes == 0 { 0.0 } else { s.device_write_bytes as f64 / s.client_write_bytes as f64 };

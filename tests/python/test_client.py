@@ -179,6 +179,26 @@ def test_info():
     assert list(res.values())[0][1].strip() == "test", res
 
 
+def test_truncate_and_sets():
+    c = client()
+    for i in range(50):
+        c.put(("test", "pytrunc", i), {"v": i})
+        c.put(("test", "pykeep", i), {"v": i})
+    sets = list(c.info_all("sets").values())[0][1]
+    assert "set=pytrunc:objects=50:" in sets, sets
+    c.truncate("test", "pytrunc", 0)
+    for i in (0, 25, 49):
+        (_, meta) = c.exists(("test", "pytrunc", i))
+        assert meta is None, f"pytrunc {i} survived the truncate"
+    (_, meta) = c.exists(("test", "pykeep", 7))
+    assert meta is not None
+    sets = list(c.info_all("sets").values())[0][1]
+    assert "set=pytrunc:objects=0:" in sets, sets
+    assert "set=pykeep:objects=50:" in sets, sets
+    assert len(c.scan("test", "pykeep").results()) == 50
+    assert len(c.scan("test", "pytrunc").results()) == 0
+
+
 def main():
     tests = [(n, f) for n, f in sorted(globals().items()) if n.startswith("test_") and callable(f)]
     failed = 0

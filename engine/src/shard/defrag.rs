@@ -24,7 +24,7 @@ use crate::coldstart::scan_wblock;
 use crate::format::RecordMeta;
 use crate::index::{IndexEntry, Loc};
 use crate::io::{IoCompletion, IoOp, IoRequest};
-use crate::types::{now_cl_ms, ResultCode};
+use crate::types::ResultCode;
 
 /// Below this share of free wblocks defrag runs without pausing between wblocks.
 const URGENT_AVAIL_PCT: f64 = 20.0;
@@ -202,7 +202,7 @@ impl Shard {
                 digest: e.digest,
                 generation: e.generation,
                 void_time: 0,
-                last_update_ms: now_cl_ms(),
+                last_update_ms: self.lut_now(),
                 seq: self.next_seq,
                 tombstone: true,
             };

@@ -47,6 +47,8 @@ pub(crate) enum Msg {
     Cmd(Command, Callback),
     Scan {
         pid: u16,
+        /// Only records of this set id.
+        set: Option<u16>,
         after: Option<Digest>,
         max: usize,
         with_bins: bool,
@@ -60,6 +62,13 @@ pub(crate) enum Msg {
     Abort(Done),
     /// Publish up-to-date statistics, then call back.
     Stats(Done),
+    /// Drop every entry of the set (all sets when `None`) last updated before `before_ms`
+    /// (the truncate is already persisted in the device headers), then call back.
+    Truncate {
+        set_id: Option<u16>,
+        before_ms: u64,
+        done: Done,
+    },
 }
 
 /// Most requests taken from the channel per loop turn (the rest wait for the next turn, so
@@ -188,6 +197,12 @@ pub(crate) struct Shard {
     read_pool: Vec<AlignedBuf>,
     defrag: defrag::DefragState,
     last_nsup: Instant,
+    /// Set name → id, a per-shard cache of the namespace's set registry.
+    set_ids: HashMap<String, u16>,
+    /// The latest truncate cutoff this shard applied: every later write gets a last-update
+    /// time at least this, so no write made after a truncate falls under it (even if the
+    /// wall clock steps back).
+    lut_floor: u64,
 }
 
 impl Shard {
@@ -234,6 +249,7 @@ impl Shard {
         stats.records.store(index.records(), Relaxed);
         stats.tombstones.store(index.tombstones(), Relaxed);
         stats.index_bytes.store(index.memory_bytes(), Relaxed);
+        let lut_floor = shared.truncates.read().expect("truncates lock").iter().map(|t| t.before_ms).max().unwrap_or(0);
         Shard {
             id,
             io,
@@ -271,6 +287,8 @@ impl Shard {
             read_pool: Vec::new(),
             defrag: defrag::DefragState::default(),
             last_nsup: Instant::now(),
+            set_ids: HashMap::new(),
+            lut_floor,
             shared,
         }
     }
@@ -385,7 +403,11 @@ impl Shard {
     fn handle(&mut self, m: Msg) {
         match m {
             Msg::Cmd(cmd, cb) => self.submit_cmd(cmd, cb),
-            Msg::Scan { pid, after, max, with_bins, cb } => self.start_scan(pid, after, max, with_bins, cb),
+            Msg::Scan { pid, set, after, max, with_bins, cb } => self.start_scan(pid, set, after, max, with_bins, cb),
+            Msg::Truncate { set_id, before_ms, done } => {
+                self.truncate(set_id, before_ms);
+                done();
+            }
             Msg::Flush(done) => {
                 for s in 0..self.open.len() {
                     self.flush(s, true);
@@ -475,7 +497,7 @@ impl Shard {
                     digest,
                     generation,
                     void_time,
-                    last_update_ms: now_cl_ms(),
+                    last_update_ms: self.lut_now(),
                     seq: self.next_seq,
                     tombstone: false,
                 };
@@ -487,7 +509,7 @@ impl Shard {
                     digest,
                     generation,
                     void_time: 0,
-                    last_update_ms: now_cl_ms(),
+                    last_update_ms: self.lut_now(),
                     seq: self.next_seq,
                     tombstone: true,
                 };
@@ -529,6 +551,27 @@ impl Shard {
             cb(Reply::error(ResultCode::DeviceOverload));
             return;
         }
+        let old_entry = self.index.get(&meta.digest);
+        // A command without a set name (an engine-level delete, an expiry tombstone) keeps
+        // the set of the version it replaces.
+        let inherited;
+        let (set, set_id) = if set.is_empty() {
+            match old_entry.filter(|o| o.set_id != 0) {
+                Some(o) => {
+                    inherited = self.shared.sets.name(o.set_id);
+                    (inherited.as_str(), o.set_id)
+                }
+                None => ("", 0),
+            }
+        } else {
+            match self.set_id(set) {
+                Some(id) => (set, id),
+                None => {
+                    cb(Reply::error(ResultCode::Forbidden));
+                    return;
+                }
+            }
+        };
         let mut rec = std::mem::take(&mut self.scratch);
         rec.clear();
         let plen = encode_record(&meta, set, key, bins, &mut rec);
@@ -556,11 +599,12 @@ impl Shard {
             last_update_ms: lut_mask(meta.last_update_ms),
             void_time: meta.void_time,
             generation: meta.generation,
+            set_id,
             tombstone: meta.tombstone,
             key_stored: key.is_some(),
-            fresh: false,
+            fresh: old_entry.is_none(),
         };
-        let old = self.index.upsert(IndexEntry { fresh: self.index.get(&meta.digest).is_none(), ..entry });
+        let old = self.index.upsert(entry);
         self.shared.stats[self.id].client_write_bytes.fetch_add(plen as u64, Relaxed);
         let open = self.open[slot(dev, CLIENT)].as_mut().expect("append leaves an open wblock");
         if let Some(o) = old {
@@ -571,6 +615,46 @@ impl Shard {
         } else {
             cb(reply);
         }
+    }
+}
+
+impl Shard {
+    /// The id of a (non-empty) set name; `None` when the namespace has too many sets.
+    fn set_id(&mut self, name: &str) -> Option<u16> {
+        if let Some(&id) = self.set_ids.get(name) {
+            return Some(id);
+        }
+        let id = self.shared.sets.intern(name)?;
+        self.set_ids.insert(name.to_string(), id);
+        Some(id)
+    }
+
+    /// The last-update time of a write made now.
+    fn lut_now(&self) -> u64 {
+        now_cl_ms().max(self.lut_floor)
+    }
+
+    /// Drop the entries a truncate covers and give their space back.
+    fn truncate(&mut self, set_id: Option<u16>, before_ms: u64) {
+        self.lut_floor = self.lut_floor.max(before_ms);
+        let cutoff = lut_mask(before_ms);
+        let mut gone = 0u64;
+        for pid in (self.id..crate::types::N_PARTITIONS).step_by(self.shared.n_shards) {
+            let doomed: Vec<IndexEntry> = self
+                .index
+                .partition_entries(pid as u16)
+                .into_iter()
+                .filter(|e| set_id.is_none_or(|s| e.set_id == s) && e.last_update_ms < cutoff)
+                .collect();
+            for e in doomed {
+                self.index.remove(&e.digest);
+                self.release(e.loc);
+                gone += !e.tombstone as u64;
+            }
+        }
+        self.shared.stats[self.id].truncated.fetch_add(gone, Relaxed);
+        self.publish_stats();
+        tracing::info!("shard {}: truncate removed {gone} records", self.id);
     }
 }
 

@@ -107,6 +107,7 @@ impl Shard {
     pub(super) fn start_scan(
         &mut self,
         pid: u16,
+        set: Option<u16>,
         after: Option<Digest>,
         max: usize,
         with_bins: bool,
@@ -116,7 +117,7 @@ impl Shard {
             .index
             .partition_entries(pid)
             .into_iter()
-            .filter(|e| self.visible(e) && after.is_none_or(|a| e.digest > a))
+            .filter(|e| self.visible(e) && set.is_none_or(|s| e.set_id == s) && after.is_none_or(|a| e.digest > a))
             .collect();
         entries.sort_unstable_by_key(|e| e.digest);
         let done = entries.len() <= max;

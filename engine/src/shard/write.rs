@@ -198,6 +198,9 @@ impl Shard {
         s.tombstones.store(self.index.tombstones(), Relaxed);
         s.index_bytes.store(self.index.memory_bytes(), Relaxed);
         s.write_cache_bytes.store(self.write_cache_bytes(), Relaxed);
+        let mut per_set = s.set_records.lock().expect("set stats lock");
+        per_set.clear();
+        per_set.extend_from_slice(self.index.set_records());
     }
 
     // ------------------------------------------------------------------ space

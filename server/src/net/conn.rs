@@ -443,16 +443,13 @@ fn scan(sh: &Shared, m: &Msg<'_>, sock: &mut TcpStream) -> Result<(), Close> {
     'partitions: for &(pid, resume) in &req.partitions {
         let mut after = resume;
         loop {
-            let page = engine.scan_partition(pid, after, SCAN_PAGE, !req.no_bins);
+            let page = engine.scan_partition(pid, req.set, after, SCAN_PAGE, !req.no_bins);
             if page.result != ResultCode::Ok {
                 rc = page.result;
                 break 'partitions;
             }
             for rec in &page.records {
                 after = Some(rec.digest);
-                if req.set.is_some_and(|s| s != rec.set) {
-                    continue;
-                }
                 write_scan_record(&mut stream.out, req.namespace, rec, req.no_bins, &req.bins);
                 left -= 1;
                 if left == 0 {

@@ -21,7 +21,7 @@ use ferrospike_engine::io::open_devices;
 use ferrospike_engine::{Engine, EngineError};
 
 use crate::config::{Config, ServiceConfig};
-use crate::proto::info::InfoSource;
+use crate::proto::info::{InfoSource, SetInfo};
 pub use stats::NetStats;
 
 /// Stack of a connection thread: decoding and encoding are iterative and small.
@@ -145,6 +145,32 @@ impl InfoSource for Shared {
         v.push(("cache_read_hits".into(), hits.to_string()));
         v.extend(self.stats.list());
         v
+    }
+
+    fn sets(&self) -> Vec<SetInfo> {
+        let mut out = Vec::new();
+        for n in &self.namespaces {
+            for s in n.engine.stats().sets {
+                out.push(SetInfo {
+                    namespace: n.name.clone(),
+                    set: s.name,
+                    objects: s.records,
+                    truncate_lut_ms: s.truncate_before_ms,
+                });
+            }
+        }
+        out
+    }
+
+    fn truncate(&self, ns: &str, set: Option<&str>, before_ms: Option<u64>) -> Result<(), String> {
+        let engine = self.engine(ns).ok_or_else(|| format!("ERROR:20:namespace {ns} not found"))?;
+        match engine.truncate(set, before_ms) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::warn!("truncate of namespace {ns} set {set:?} refused: {e}");
+                Err(format!("ERROR:4:{e}"))
+            }
+        }
     }
 }
 

@@ -18,6 +18,16 @@ const ALL_PARTITIONS_B64_TAIL: &str = "//8=";
 const FEATURES: &str = "batch-any;batch-index;blob-bits;float;peers;pipelining;pquery;pscans;replicas;replicas-all;replicas-master;replicas-max";
 const UNRECOGNIZED: &str = "ERROR:4:unrecognized command";
 
+/// One set's line of the `sets` command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetInfo {
+    pub namespace: String,
+    pub set: String,
+    pub objects: u64,
+    /// The set's truncate time in force, ms since the Citrusleaf epoch (0: none).
+    pub truncate_lut_ms: u64,
+}
+
 /// What the info handler needs to know about the server.
 pub trait InfoSource {
     fn node_id(&self) -> &str;
@@ -29,6 +39,71 @@ pub trait InfoSource {
     fn namespace_stats(&self, ns: &str) -> Option<Vec<(String, String)>>;
     /// `key=value` statistics of the node.
     fn statistics(&self) -> Vec<(String, String)>;
+    /// Every set of every namespace.
+    fn sets(&self) -> Vec<SetInfo>;
+    /// Truncate a namespace (`set` None) or one set; `before_ms` is in ms since the
+    /// Citrusleaf epoch, `None` meaning now. `Err` carries the message for the client.
+    fn truncate(&self, ns: &str, set: Option<&str>, before_ms: Option<u64>) -> Result<(), String>;
+}
+
+/// Nanoseconds since the Unix epoch (a truncate's `lut=`) to ms since the Citrusleaf epoch.
+fn lut_nanos_to_cl_ms(nanos: u64) -> Option<u64> {
+    (nanos / 1_000_000).checked_sub(ferrospike_engine::types::CITRUSLEAF_EPOCH_UNIX * 1000).filter(|&ms| ms > 0)
+}
+
+/// `key=value` pairs of a `;`-separated info argument.
+fn params(arg: Option<&str>) -> Vec<(&str, &str)> {
+    arg.unwrap_or("").split(';').filter(|p| !p.is_empty()).map(|p| p.split_once('=').unwrap_or((p, ""))).collect()
+}
+
+/// `truncate:namespace=NS;set=SET[;lut=NANOS|now]` and
+/// `truncate-namespace:namespace=NS[;lut=NANOS|now]`.
+fn truncate(name: &str, arg: Option<&str>, src: &dyn InfoSource) -> String {
+    let mut ns = None;
+    let mut set = None;
+    let mut lut = None;
+    for (k, v) in params(arg) {
+        match k {
+            "namespace" => ns = Some(v),
+            "set" if name == "truncate" => set = Some(v),
+            "lut" => lut = Some(v),
+            _ => return format!("ERROR:4:unknown parameter {k}"),
+        }
+    }
+    let Some(ns) = ns.filter(|n| !n.is_empty()) else {
+        return "ERROR:4:missing namespace".to_string();
+    };
+    let before_ms = match lut {
+        None | Some("now") => None,
+        Some(v) => match v.parse::<u64>().ok().and_then(lut_nanos_to_cl_ms) {
+            Some(ms) => Some(ms),
+            None => return format!("ERROR:4:bad lut {v}: nanoseconds since 1970 after 2010-01-01, or now"),
+        },
+    };
+    match src.truncate(ns, set.filter(|s| !s.is_empty()), before_ms) {
+        Ok(()) => "ok".to_string(),
+        Err(e) => e,
+    }
+}
+
+/// `sets`, `sets/NS` and `sets/NS/SET`: one `:`-separated line per set, each ended by `;`.
+fn sets(arg: Option<&str>, src: &dyn InfoSource) -> String {
+    let mut parts = arg.unwrap_or("").splitn(2, '/');
+    let ns = parts.next().filter(|s| !s.is_empty());
+    let set = parts.next().filter(|s| !s.is_empty());
+    let mut out = String::new();
+    for s in src.sets() {
+        if ns.is_some_and(|n| n != s.namespace) || set.is_some_and(|n| n != s.set) {
+            continue;
+        }
+        let _ = write!(
+            out,
+            "ns={}:set={}:objects={}:tombstones=0:truncate_lut={}:sindexes=0:index_populating=false:truncating=false:\
+             disable-eviction=false:enable-index=false:stop-writes-count=0:stop-writes-size=0;",
+            s.namespace, s.set, s.objects, s.truncate_lut_ms
+        );
+    }
+    out
 }
 
 /// The replicas bitmap of a node owning every partition (684 characters).
@@ -83,10 +158,9 @@ fn value(cmd: &str, src: &dyn InfoSource) -> String {
             Some(kv) => kv_list(&kv),
             None => "type=unknown".to_string(),
         },
-        // Sets are not tracked by the engine yet.
-        "sets" => String::new(),
+        "sets" => sets(arg, src),
         "statistics" => kv_list(&src.statistics()),
-        "truncate" | "truncate-namespace" => "ERROR:16:truncate is not supported yet".to_string(),
+        "truncate" | "truncate-namespace" => truncate(name, arg, src),
         _ => UNRECOGNIZED.to_string(),
     }
 }
@@ -136,6 +210,18 @@ mod tests {
         fn statistics(&self) -> Vec<(String, String)> {
             vec![("client_connections".into(), "1".into())]
         }
+        fn sets(&self) -> Vec<SetInfo> {
+            vec![
+                SetInfo { namespace: "test".into(), set: "demo".into(), objects: 2, truncate_lut_ms: 0 },
+                SetInfo { namespace: "test".into(), set: "other".into(), objects: 0, truncate_lut_ms: 5 },
+            ]
+        }
+        fn truncate(&self, ns: &str, set: Option<&str>, before_ms: Option<u64>) -> Result<(), String> {
+            if ns != "test" {
+                return Err("ERROR:20:namespace not found".into());
+            }
+            Err(format!("called {set:?} {before_ms:?}"))
+        }
     }
 
     fn ask(s: &str) -> String {
@@ -164,6 +250,35 @@ mod tests {
         assert_eq!(v.len(), 684);
         assert!(v.ends_with("//8="));
         assert_eq!(r.lines().nth(1), Some("partition-generation\t1"));
+    }
+
+    #[test]
+    fn sets_lines_and_filters() {
+        let all = ask("sets\n");
+        assert!(all.starts_with("sets\tns=test:set=demo:objects=2:tombstones=0:truncate_lut=0:"), "{all}");
+        assert_eq!(all.matches(';').count(), 2);
+        assert!(ask("sets/test/other\n").contains("set=other:objects=0:tombstones=0:truncate_lut=5:"));
+        assert_eq!(ask("sets/test/other\n").matches("ns=").count(), 1);
+        assert_eq!(ask("sets/nope\n"), "sets/nope\t\n");
+    }
+
+    #[test]
+    fn truncate_commands_parse_as_the_clients_send_them() {
+        assert_eq!(
+            ask("truncate:namespace=test;set=demo\n"),
+            "truncate:namespace=test;set=demo\tcalled Some(\"demo\") None\n"
+        );
+        // 2020-01-01T00:00:00Z in ns since 1970 = 315532800000 ms after 2010-01-01.
+        assert_eq!(
+            ask("truncate-namespace:namespace=test;lut=1577836800000000000\n"),
+            "truncate-namespace:namespace=test;lut=1577836800000000000\tcalled None Some(315532800000)\n"
+        );
+        assert!(ask("truncate:namespace=test;set=demo;lut=now\n").contains("called Some(\"demo\") None"));
+        assert!(ask("truncate:namespace=test;set=d;lut=12\n").contains("\tERROR:4:bad lut 12"));
+        assert!(ask("truncate:namespace=test;lut=abc\n").contains("\tERROR:4:bad lut abc"));
+        assert!(ask("truncate:set=demo\n").contains("\tERROR:4:missing namespace"));
+        assert!(ask("truncate:namespace=nope\n").contains("\tERROR:20:namespace not found"));
+        assert!(ask("truncate-namespace:namespace=test;set=x\n").contains("\tERROR:4:unknown parameter set"));
     }
 
     #[test]
