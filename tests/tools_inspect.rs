@@ -33,6 +33,7 @@ fn engine_device(dir: &Scratch) -> String {
         let r = e.execute(Command::put(k.digest("demo"), "demo", bins).with_key(k.to_field()));
         assert!(r.is_ok(), "{r:?}");
     }
+    e.truncate(Some("gone"), None).unwrap();
     e.shutdown().unwrap();
     path.to_str().unwrap().to_string()
 }
@@ -54,7 +55,9 @@ fn verify_clean_then_corrupted() {
     let r = run_tool("inspect", &[&dev, "header"]);
     assert_eq!(r.code, 0, "{}", r.dump());
     assert!(
-        r.stdout.contains("namespace          test") && r.stdout.contains("clean shutdown     yes"),
+        r.stdout.contains("namespace          test")
+            && r.stdout.contains("clean shutdown     yes")
+            && r.stdout.contains("truncate           set gone: records last updated before"),
         "{}",
         r.dump()
     );

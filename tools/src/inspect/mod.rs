@@ -219,6 +219,15 @@ fn header_text(dev: &Device, h: &Headers) -> String {
                 if x.flags & HEADER_FLAG_CLEAN != 0 { "yes" } else { "no (in use, or crashed)" }
             );
             let _ = writeln!(s, "  formatted          {} ms after 2010-01-01 UTC", x.format_time_ms);
+            for t in &x.truncates {
+                let what = if t.set.is_empty() { "every set".to_string() } else { format!("set {}", t.set) };
+                let _ = writeln!(
+                    s,
+                    "  truncate           {what}: records last updated before {} ms after 2010-01-01 UTC \
+                     (the server ignores them; verify and get still list them)",
+                    t.before_ms
+                );
+            }
             if x.device_bytes > dev.size_bytes {
                 let _ = writeln!(s, "  WARNING: the device is smaller ({} bytes) than when formatted", dev.size_bytes);
             }
