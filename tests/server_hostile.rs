@@ -226,8 +226,21 @@ fn hostile_clients_do_not_disturb_good_ones() {
 
 #[test]
 fn pipelined_requests_are_answered_in_order() {
-    let dir = Scratch::new("server-pipeline");
-    let mut srv = ServerProc::start(&dir, "max-inflight = 16");
+    pipelined("server-pipeline", "max-inflight = 16", "front-end inside the 2 shard loops");
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order_by_the_thread_front_end() {
+    pipelined("server-pipeline-threads", "max-inflight = 16\nfront-end = \"threads\"", "one thread per connection");
+}
+
+/// Pipelined puts and gets (more than max-inflight, over both shards) with an info request
+/// in the middle, which the shard front-end hands to a connection thread: every answer
+/// comes back, in order.
+fn pipelined(name: &str, service: &str, front_end_log: &str) {
+    let dir = Scratch::new(name);
+    let mut srv = ServerProc::start(&dir, service);
+    assert!(srv.log_text().contains(front_end_log), "{}", srv.log_text());
     let mut s = connect(srv.port);
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     // 300 puts then 300 gets (plus an info frame in the middle) in one write: more than
@@ -253,6 +266,9 @@ fn pipelined_requests_are_answered_in_order() {
     for k in 0..300 {
         assert_eq!(response(&mut s).unwrap(), (0, Some(k * 7)), "get {k}");
     }
+    // The connection goes on after the hand-over.
+    s.write_all(&request(5, None)).unwrap();
+    assert_eq!(response(&mut s).unwrap(), (0, Some(35)));
     drop(s);
     assert!(srv.stop().success());
 }

@@ -12,9 +12,10 @@ use crate::coldstart::{keep_newest, scan_slice};
 use crate::config::EngineConfig;
 use crate::error::{DeviceError, EngineError};
 use crate::format::{DeviceHeader, TruncateEntry, HEADER_COPY_STRIDE, HEADER_FLAG_CLEAN};
+use crate::hook::ShardHook;
 use crate::index::{IndexEntry, MAX_DEVICES, MAX_DEVICE_BYTES};
 use crate::io::{run_sync, AlignedBuf, DeviceSet, Doorbell, IoBackend, IoOp, IoRequest, WBuf};
-use crate::shard::{Msg, Shard};
+use crate::shard::{Msg, Peer, Shard, ShardLinks};
 use crate::shared::{DevShared, EngineStats, SetRegistry, ShardStats, Shared};
 use crate::types::{now_cl_ms, Digest, ResultCode, MAX_SET_NAME_BYTES};
 
@@ -41,7 +42,23 @@ pub struct Engine {
 impl Engine {
     /// Open (formatting fresh devices), rebuild the index by cold start, and start the shards.
     pub fn open(cfg: EngineConfig, devices: Arc<dyn DeviceSet>) -> Result<Engine, EngineError> {
+        Self::open_with_hooks(cfg, devices, Vec::new())
+    }
+
+    /// [`Engine::open`], with code to run inside the shards' loops: `hooks[i]` runs on
+    /// shard `i` (see [`ShardHook`]); at most one hook per shard.
+    pub fn open_with_hooks(
+        cfg: EngineConfig,
+        devices: Arc<dyn DeviceSet>,
+        hooks: Vec<Box<dyn ShardHook>>,
+    ) -> Result<Engine, EngineError> {
         cfg.validate()?;
+        if hooks.len() > cfg.shards {
+            return Err(EngineError::Config {
+                key: "shards".into(),
+                reason: format!("{} shard hooks for {} shards", hooks.len(), cfg.shards),
+            });
+        }
         let infos = devices.devices().to_vec();
         if infos.is_empty() || infos.len() as u32 > MAX_DEVICES {
             return Err(EngineError::Config {
@@ -116,11 +133,11 @@ impl Engine {
             previous_clean,
             stopped: AtomicBool::new(false),
         };
-        engine.start_shards()?;
+        engine.start_shards(hooks)?;
         Ok(engine)
     }
 
-    fn start_shards(&mut self) -> Result<(), EngineError> {
+    fn start_shards(&mut self, hooks: Vec<Box<dyn ShardHook>>) -> Result<(), EngineError> {
         let n = self.shared.n_shards;
         let barrier = Arc::new(Barrier::new(n));
         let max_seq = Arc::new(AtomicU64::new(0));
@@ -128,18 +145,28 @@ impl Engine {
         let exchange_tx: Vec<Sender<Vec<IndexEntry>>> = exchange.iter().map(|(t, _)| t.clone()).collect();
         let (ready_tx, ready_rx) = unbounded::<(usize, Result<(), String>)>();
         let cores = core_affinity::get_core_ids().unwrap_or_default();
-        let mut threads = Vec::new();
-        for (id, (_, ex_rx)) in exchange.into_iter().enumerate() {
+        let mut receivers = Vec::with_capacity(n);
+        for _ in 0..n {
             let (tx, rx) = bounded::<Msg>(self.shared.cfg.channel_capacity);
             let doorbell = Arc::new(Doorbell::new().map_err(|e| EngineError::Thread(format!("eventfd: {e}")))?);
             self.senders.push(tx);
-            self.doorbells.push(doorbell.clone());
+            self.doorbells.push(doorbell);
+            receivers.push(rx);
+        }
+        let peers: Arc<Vec<Peer>> =
+            Arc::new(self.senders.iter().zip(&self.doorbells).map(|(s, d)| (s.clone(), d.clone())).collect());
+        let mut hooks: Vec<Option<Box<dyn ShardHook>>> = hooks.into_iter().map(Some).collect();
+        hooks.resize_with(n, || None);
+        let mut threads = Vec::new();
+        for (id, ((_, ex_rx), (rx, hook))) in exchange.into_iter().zip(receivers.into_iter().zip(hooks)).enumerate() {
+            let doorbell = self.doorbells[id].clone();
             let shared = self.shared.clone();
             let devices = self.devices.clone();
             let barrier = barrier.clone();
             let max_seq = max_seq.clone();
             let exchange_tx = exchange_tx.clone();
             let ready_tx = ready_tx.clone();
+            let peers = peers.clone();
             let core = if shared.cfg.pin_threads && !cores.is_empty() { Some(cores[id % cores.len()]) } else { None };
             let t = std::thread::Builder::new()
                 .name(format!("shard-{id}"))
@@ -147,7 +174,8 @@ impl Engine {
                     if let Some(c) = core {
                         core_affinity::set_for_current(c);
                     }
-                    shard_main(id, shared, devices, barrier, max_seq, exchange_tx, ex_rx, rx, doorbell, ready_tx)
+                    let links = ShardLinks { rx, doorbell, peers, hook };
+                    shard_main(id, shared, devices, barrier, max_seq, exchange_tx, ex_rx, links, ready_tx)
                 })
                 .map_err(|e| EngineError::Thread(e.to_string()))?;
             threads.push(t);
@@ -394,8 +422,7 @@ fn shard_main(
     max_seq: Arc<AtomicU64>,
     exchange_tx: Vec<Sender<Vec<IndexEntry>>>,
     exchange_rx: Receiver<Vec<IndexEntry>>,
-    rx: Receiver<Msg>,
-    doorbell: Arc<Doorbell>,
+    links: ShardLinks,
     ready: Sender<(usize, Result<(), String>)>,
 ) {
     let n = shared.n_shards;
@@ -406,14 +433,16 @@ fn shard_main(
         as usize
         + 2 * shared.devs.len();
     let mut result: Result<(), String> = Ok(());
-    let mut io: Option<Box<dyn IoBackend>> =
-        match devices.open_backend(Some(doorbell.raw_fd()), cfg.wblock_bytes as usize, slots) {
-            Ok(io) => Some(io),
-            Err(e) => {
-                result = Err(e.to_string());
-                None
-            }
-        };
+    // With a hook, the ring watches the hook's descriptor, which reports the doorbell too.
+    let wake_fd = links.hook.as_ref().map_or(links.doorbell.raw_fd(), |h| h.wake_fd());
+    let mut io: Option<Box<dyn IoBackend>> = match devices.open_backend(Some(wake_fd), cfg.wblock_bytes as usize, slots)
+    {
+        Ok(io) => Some(io),
+        Err(e) => {
+            result = Err(e.to_string());
+            None
+        }
+    };
     // Phase 1: scan this shard's slice.
     let mut index = crate::index::Index::new();
     if let Some(io) = io.as_mut() {
@@ -465,7 +494,7 @@ fn shard_main(
         return;
     };
     let next_seq = max_seq.load(Relaxed) + 1;
-    let shard = Shard::new(id, shared, io, index, next_seq, rx, doorbell);
+    let shard = Shard::new(id, shared, io, index, next_seq, links);
     let _ = ready.send((id, Ok(())));
     shard.run();
 }

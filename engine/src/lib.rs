@@ -12,6 +12,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod format;
+pub mod hook;
 pub mod index;
 pub mod io;
 pub mod ops;

@@ -37,6 +37,10 @@ pub const REFERENCE: &str = r#"CONFIGURATION (TOML, Aerospike option names):
     request-deadline-ms = 5000   time for a request to arrive in full, from its first byte
     idle-timeout-secs = 0        close connections idle this long (0 = never)
     max-inflight = 64            pipelined requests executed at once per connection
+    front-end = "shards"         "shards": connections are served inside the shard threads'
+                                 loops (their sockets watched by each shard's io_uring);
+                                 "threads": one thread per connection (the first design,
+                                 kept for comparison)
     cluster-name = "name"        reported by the info command cluster-name (default: null)
 
   [[namespaces]]                 one table per namespace
@@ -117,6 +121,7 @@ struct RawService {
     idle_timeout_secs: u64,
     max_inflight: usize,
     cluster_name: Option<String>,
+    front_end: String,
 }
 
 impl Default for RawService {
@@ -131,6 +136,7 @@ impl Default for RawService {
             idle_timeout_secs: 0,
             max_inflight: 64,
             cluster_name: None,
+            front_end: "shards".into(),
         }
     }
 }
@@ -181,6 +187,8 @@ pub struct ServiceConfig {
     pub idle_timeout_secs: u64,
     pub max_inflight: usize,
     pub cluster_name: Option<String>,
+    /// Serve connections inside the shard loops (true) or one thread per connection.
+    pub shard_front_end: bool,
 }
 
 /// One namespace: its engine configuration and devices.
@@ -227,6 +235,11 @@ impl Config {
         if s.max_inflight == 0 || s.max_inflight > 4096 {
             return Err(bad("service.max-inflight".into(), "must be between 1 and 4096"));
         }
+        let shard_front_end = match s.front_end.as_str() {
+            "shards" => true,
+            "threads" => false,
+            other => return Err(bad("service.front-end".into(), format!("'{other}': use \"shards\" or \"threads\""))),
+        };
         if s.address.parse::<std::net::IpAddr>().is_err() {
             return Err(bad("service.address".into(), format!("'{}' is not an IP address", s.address)));
         }
@@ -240,6 +253,7 @@ impl Config {
             idle_timeout_secs: s.idle_timeout_secs,
             max_inflight: s.max_inflight,
             cluster_name: s.cluster_name,
+            shard_front_end,
         };
         if raw.namespaces.is_empty() {
             return Err(bad("namespaces".into(), "at least one [[namespaces]] table is required"));

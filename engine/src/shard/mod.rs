@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, TryRecvError};
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 
 mod defrag;
 mod read;
@@ -42,9 +42,23 @@ pub(crate) type Callback = Box<dyn FnOnce(Reply) + Send>;
 pub(crate) type ScanCallback = Box<dyn FnOnce(ScanPage) + Send>;
 pub(crate) type Done = Box<dyn FnOnce() + Send>;
 
+/// Another shard's channel and doorbell.
+pub(crate) type Peer = (Sender<Msg>, Arc<Doorbell>);
+
+/// What a shard thread is given to talk to the world.
+pub(crate) struct ShardLinks {
+    pub rx: Receiver<Msg>,
+    pub doorbell: Arc<Doorbell>,
+    /// Every shard's channel and doorbell, this one's included.
+    pub peers: Arc<Vec<Peer>>,
+    pub hook: Option<Box<dyn crate::hook::ShardHook>>,
+}
+
 /// Messages a shard accepts.
 pub(crate) enum Msg {
     Cmd(Command, Callback),
+    /// Commands handed over by another shard's hook, in arrival order.
+    Cmds(Vec<(Command, Callback)>),
     Scan {
         pid: u16,
         /// Only records of this set id.
@@ -199,6 +213,10 @@ pub(crate) struct Shard {
     last_nsup: Instant,
     /// Set name → id, a per-shard cache of the namespace's set registry.
     set_ids: HashMap<String, u16>,
+    peers: Arc<Vec<Peer>>,
+    hook: Option<Box<dyn crate::hook::ShardHook>>,
+    /// Commands from the hook for other shards, per destination, not yet handed over.
+    forward: Vec<Vec<(Command, Callback)>>,
     /// The latest truncate cutoff this shard applied: every later write gets a last-update
     /// time at least this, so no write made after a truncate falls under it (even if the
     /// wall clock steps back).
@@ -212,9 +230,9 @@ impl Shard {
         io: Box<dyn IoBackend>,
         index: Index,
         next_seq: u64,
-        rx: Receiver<Msg>,
-        doorbell: Arc<Doorbell>,
+        links: ShardLinks,
     ) -> Shard {
+        let ShardLinks { rx, doorbell, peers, hook } = links;
         let n_devs = shared.devs.len();
         let mut wstate = Vec::with_capacity(n_devs);
         let mut free = Vec::with_capacity(n_devs);
@@ -289,6 +307,9 @@ impl Shard {
             last_nsup: Instant::now(),
             set_ids: HashMap::new(),
             lut_floor,
+            forward: (0..peers.len()).map(|_| Vec::new()).collect(),
+            peers,
+            hook,
             shared,
         }
     }
@@ -315,6 +336,9 @@ impl Shard {
     pub(crate) fn run(mut self) {
         let mut comps: Vec<IoCompletion> = Vec::new();
         self.publish_stats();
+        if let Some(h) = self.hook.as_mut() {
+            h.start(self.doorbell.clone());
+        }
         loop {
             self.now_secs = now_cl_secs();
             let mut did = 0usize;
@@ -342,6 +366,11 @@ impl Shard {
                 self.complete(c);
             }
             self.timers();
+            if let Some(mut h) = self.hook.take() {
+                did += h.turn(&mut crate::hook::HookCtx { shard: &mut self }) as usize;
+                self.hook = Some(h);
+                self.hand_over_forwards();
+            }
             self.commit_flushes();
             if did > 0 {
                 let s = &self.shared.stats[self.id];
@@ -370,11 +399,16 @@ impl Shard {
             // Nothing left to take from the channel: wait in the ring for a completion, the
             // doorbell or the next timer, instead of turning with a non-waiting submit.
             let mut idle = self.rx.is_empty() || self.stopping.is_some();
-            if idle && self.stopping.is_none() && self.io.in_flight() == 0 {
-                // Spin briefly on the channel before paying for a sleep and a doorbell.
+            if self.hook.is_some() && (did > 0 || self.forward_backlog() > 0) {
+                // The hook's sockets are not visible to the channel check: go round again
+                // while it is busy.
+                idle = false;
+            } else if idle && self.stopping.is_none() && self.io.in_flight() == 0 {
+                // Spin briefly on the channel (and the hook's queues) before paying for a
+                // sleep and a doorbell.
                 let spin_until = Instant::now() + Duration::from_micros(self.shared.cfg.spin_us);
                 while Instant::now() < spin_until {
-                    if !self.rx.is_empty() {
+                    if !self.rx.is_empty() || self.hook_pending() {
                         idle = false;
                         break;
                     }
@@ -383,7 +417,8 @@ impl Shard {
             }
             if idle {
                 self.doorbell.prepare_sleep();
-                if !self.rx.is_empty() && self.stopping.is_none() {
+                // Whoever queued something before seeing the flag did not ring: look again.
+                if (!self.rx.is_empty() || self.hook_pending()) && self.stopping.is_none() {
                     self.doorbell.awake();
                     continue;
                 }
@@ -403,6 +438,11 @@ impl Shard {
     fn handle(&mut self, m: Msg) {
         match m {
             Msg::Cmd(cmd, cb) => self.submit_cmd(cmd, cb),
+            Msg::Cmds(cmds) => {
+                for (cmd, cb) in cmds {
+                    self.submit_cmd(cmd, cb);
+                }
+            }
             Msg::Scan { pid, set, after, max, with_bins, cb } => self.start_scan(pid, set, after, max, with_bins, cb),
             Msg::Truncate { set_id, before_ms, done } => {
                 self.truncate(set_id, before_ms);
@@ -619,6 +659,53 @@ impl Shard {
 }
 
 impl Shard {
+    pub(crate) fn id(&self) -> usize {
+        self.id
+    }
+
+    /// A command from this shard's hook: run here, or queue it for its owner.
+    pub(crate) fn submit_from_hook(&mut self, cmd: Command, cb: Callback) {
+        let owner = self.shared.shard_of_partition(cmd.digest.partition());
+        if owner == self.id {
+            self.submit_cmd(cmd, cb);
+        } else {
+            self.forward[owner].push((cmd, cb));
+        }
+    }
+
+    fn hook_pending(&self) -> bool {
+        self.hook.as_ref().is_some_and(|h| h.pending())
+    }
+
+    pub(crate) fn forward_backlog(&self) -> usize {
+        self.forward.iter().map(Vec::len).sum()
+    }
+
+    /// Hand each destination its queued commands in one message, without blocking: a full
+    /// channel keeps them for the next turn.
+    fn hand_over_forwards(&mut self) {
+        for dest in 0..self.forward.len() {
+            if self.forward[dest].is_empty() {
+                continue;
+            }
+            let batch = std::mem::take(&mut self.forward[dest]);
+            let (tx, bell) = &self.peers[dest];
+            match tx.try_send(Msg::Cmds(batch)) {
+                Ok(()) => bell.ring_if_sleeping(),
+                Err(TrySendError::Full(Msg::Cmds(batch))) => {
+                    self.forward[dest] = batch;
+                    bell.ring_if_sleeping();
+                }
+                Err(TrySendError::Disconnected(Msg::Cmds(batch))) => {
+                    for (_, cb) in batch {
+                        cb(Reply::error(ResultCode::ServerError));
+                    }
+                }
+                Err(_) => unreachable!("the message sent was Cmds"),
+            }
+        }
+    }
+
     /// The id of a (non-empty) set name; `None` when the namespace has too many sets.
     fn set_id(&mut self, name: &str) -> Option<u16> {
         if let Some(&id) = self.set_ids.get(name) {

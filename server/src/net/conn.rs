@@ -21,13 +21,13 @@ use crate::proto::{info, Msg, MsgHeader, ProtoHeader, ProtocolError, Reader, PRO
 /// How often a blocked read wakes to check deadlines and shutdown.
 const TICK: Duration = Duration::from_millis(100);
 /// A client that does not take its responses within this long is dropped.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for the engine to answer one command before the connection gives up.
 const ENGINE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most bytes read per `read` call; the buffer never grows by more than this ahead of data.
-const READ_CHUNK: usize = 64 << 10;
+pub(super) const READ_CHUNK: usize = 64 << 10;
 /// Smallest read, so pipelined small requests arrive in few calls.
-const MIN_READ: usize = 4096;
+pub(super) const MIN_READ: usize = 4096;
 /// Info requests are a few commands; anything larger is not a client.
 const MAX_INFO_BODY: u64 = 64 << 10;
 /// Batch and scan responses are sent in frames of about this size.
@@ -37,11 +37,11 @@ const BATCH_WINDOW: usize = 128;
 /// Records asked of the engine per scan page.
 const SCAN_PAGE: usize = 256;
 /// A read buffer above this capacity is shrunk when it empties.
-const KEEP_BUF_BYTES: usize = 1 << 20;
+pub(super) const KEEP_BUF_BYTES: usize = 1 << 20;
 
 /// Why a connection ends.
 #[derive(Debug)]
-enum Close {
+pub(super) enum Close {
     Eof,
     Io(std::io::Error),
     Protocol(ProtocolError),
@@ -50,23 +50,32 @@ enum Close {
     Idle,
     Stopping,
     EngineTimeout,
+    WriteStalled,
 }
 
-pub fn serve(sock: TcpStream, peer: SocketAddr, sh: &Shared) {
+/// Serve a connection on this thread until it ends. `initial` holds bytes already read
+/// from it (a connection handed over by a shard's front-end), processed first.
+pub fn serve(sock: TcpStream, peer: SocketAddr, sh: &Shared, initial: Vec<u8>) {
     let _ = sock.set_nodelay(true);
     if sock.set_read_timeout(Some(TICK)).is_err() || sock.set_write_timeout(Some(WRITE_TIMEOUT)).is_err() {
         return;
     }
     let (tx, rx) = bounded(sh.cfg.max_inflight);
+    let now = Instant::now();
     let mut c = Conn {
         sock,
         sh,
-        buf: Vec::new(),
-        first_byte: None,
-        last_activity: Instant::now(),
+        first_byte: (!initial.is_empty()).then_some(now),
+        buf: initial,
+        last_activity: now,
         pending: Pending { slots: Vec::new(), base_seq: 0, outstanding: 0, tx, rx, out: Vec::new() },
     };
     let why = c.run();
+    log_close(peer, why, sh);
+}
+
+/// Count and log why a connection ended.
+pub(super) fn log_close(peer: SocketAddr, why: Close, sh: &Shared) {
     match why {
         Close::Eof | Close::Stopping => tracing::trace!("{peer}: closed ({why:?})"),
         Close::Io(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => {}
@@ -159,7 +168,7 @@ struct Conn<'a> {
 }
 
 /// A complete frame at the start of `buf`: its header and total length.
-fn next_frame(buf: &[u8], max_body: u64) -> Result<Option<(ProtoHeader, usize)>, ProtocolError> {
+pub(super) fn next_frame(buf: &[u8], max_body: u64) -> Result<Option<(ProtoHeader, usize)>, ProtocolError> {
     let Some(h) = buf.first_chunk::<PROTO_HEADER_BYTES>() else {
         return Ok(None);
     };

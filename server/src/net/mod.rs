@@ -9,12 +9,13 @@
 //! loops) needs an engine hook; see the server's report.
 
 mod conn;
+mod shard_net;
 mod stats;
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use ferrospike_engine::io::open_devices;
@@ -25,7 +26,7 @@ use crate::proto::info::{InfoSource, SetInfo};
 pub use stats::NetStats;
 
 /// Stack of a connection thread: decoding and encoding are iterative and small.
-const CONN_STACK_BYTES: usize = 256 << 10;
+pub(crate) const CONN_STACK_BYTES: usize = 256 << 10;
 /// How long shutdown waits for connections to finish their requests.
 const DRAIN_WAIT: Duration = Duration::from_secs(10);
 
@@ -193,6 +194,9 @@ fn node_id(port: u16) -> String {
 pub struct Server {
     shared: Arc<Shared>,
     listener: TcpListener,
+    /// The shards' front-ends (empty with `front-end = "threads"`).
+    inboxes: Vec<Arc<shard_net::Inbox>>,
+    next_inbox: AtomicUsize,
 }
 
 /// A handle that stops a running server from another thread (the signal thread).
@@ -220,6 +224,8 @@ impl Server {
     /// Open every namespace's devices and engine, then bind the listener.
     pub fn start(cfg: Config) -> Result<Server, ServerError> {
         let mut namespaces = Vec::new();
+        let late: Arc<OnceLock<Arc<Shared>>> = Arc::new(OnceLock::new());
+        let mut inboxes = Vec::new();
         for ns in cfg.namespaces {
             let name = ns.engine.namespace.clone();
             let err = |source: EngineError| ServerError::Engine { namespace: name.clone(), source };
@@ -245,7 +251,16 @@ impl Server {
             );
             let devices = open_devices(&ns.devices, ns.engine.ring_entries).map_err(|e| err(e.into()))?;
             tracing::info!("namespace {name}: {}", devices.describe());
-            let engine = Engine::open(ns.engine, Arc::new(devices)).map_err(err)?;
+            // The first namespace's shards also serve the network.
+            let mut hooks: Vec<Box<dyn ferrospike_engine::hook::ShardHook>> = Vec::new();
+            if cfg.service.shard_front_end && namespaces.is_empty() {
+                for _ in 0..ns.engine.shards {
+                    let (net, inbox) = shard_net::ShardNet::new(late.clone(), &name)?;
+                    hooks.push(Box::new(net));
+                    inboxes.push(inbox);
+                }
+            }
+            let engine = Engine::open_with_hooks(ns.engine, Arc::new(devices), hooks).map_err(err)?;
             namespaces.push(Namespace { name, engine });
         }
         let addr = format!("{}:{}", cfg.service.address, cfg.service.port);
@@ -258,8 +273,13 @@ impl Server {
         let mut service = cfg.service;
         service.port = port;
         tracing::info!(
-            "listening on {}:{port}: max-connections {}, max-msg-size {}, request-deadline-ms {}, idle-timeout-secs {}",
+            "listening on {}:{port}: front-end {}, max-connections {}, max-msg-size {}, request-deadline-ms {}, idle-timeout-secs {}",
             service.address,
+            if service.shard_front_end {
+                format!("inside the {} shard loops", inboxes.len())
+            } else {
+                "one thread per connection".to_string()
+            },
             service.max_connections,
             service.max_msg_bytes,
             service.request_deadline_ms,
@@ -273,7 +293,8 @@ impl Server {
             stopping: AtomicBool::new(false),
             started: Instant::now(),
         });
-        Ok(Server { shared, listener })
+        let _ = late.set(shared.clone());
+        Ok(Server { shared, listener, inboxes, next_inbox: AtomicUsize::new(0) })
     }
 
     pub fn stop_handle(&self) -> StopHandle {
@@ -335,9 +356,17 @@ impl Server {
             return; // dropping the socket closes it
         }
         NetStats::bump(&sh.stats.connections_opened);
+        if !self.inboxes.is_empty() {
+            let i = self.next_inbox.fetch_add(1, SeqCst) % self.inboxes.len();
+            if self.inboxes[i].deliver(sock, peer).is_err() {
+                sh.stats.connections_current.fetch_sub(1, SeqCst);
+                tracing::warn!("dropping {peer}: shard {i} is gone");
+            }
+            return;
+        }
         let shared = sh.clone();
         let spawned = std::thread::Builder::new().name("conn".into()).stack_size(CONN_STACK_BYTES).spawn(move || {
-            conn::serve(sock, peer, &shared);
+            conn::serve(sock, peer, &shared, Vec::new());
             shared.stats.connections_current.fetch_sub(1, SeqCst);
         });
         if let Err(e) = spawned {

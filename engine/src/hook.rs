@@ -1,0 +1,68 @@
+//! Code that runs inside a shard's loop: the server's network front-end.
+//!
+//! A [`ShardHook`] is handed to the engine at start-up, one per shard, and from then on runs
+//! on that shard's thread: the shard calls [`ShardHook::turn`] once per loop turn, and its
+//! ring also watches the hook's [`ShardHook::wake_fd`] while the shard sleeps, so readiness
+//! of anything behind that descriptor (an epoll set of sockets, typically) wakes the shard.
+//!
+//! Commands a hook submits through [`HookCtx::submit`] run at once when the shard owns the
+//! digest's partition; the others are collected per destination shard and handed over in
+//! one message per destination per turn, without ever blocking (a full destination channel
+//! keeps the batch for the next turn). Callbacks run on the shard that executes the command;
+//! a hook gets its answers back through a channel of its own and the [`Doorbell`] it is
+//! given at start, which wakes its shard when it sleeps.
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use crate::api::{Command, Reply};
+use crate::io::Doorbell;
+use crate::shard::Shard;
+
+/// Code run by one shard's loop. Everything here runs on the shard thread and must never
+/// block: no waiting on the engine (`Engine::execute`, `stats`, `scan_partition`, ...).
+pub trait ShardHook: Send {
+    /// A descriptor the shard's ring polls for readability while the shard sleeps. It
+    /// must report the doorbell passed to `start` as well (e.g. an epoll set holding it),
+    /// since the ring watches this descriptor instead of the doorbell.
+    fn wake_fd(&self) -> RawFd;
+
+    /// Called once on the shard thread before the first turn, with the shard's doorbell.
+    fn start(&mut self, doorbell: Arc<Doorbell>);
+
+    /// One turn of work. Returns true when it did something (the shard then does not sleep
+    /// before the next turn).
+    fn turn(&mut self, ctx: &mut HookCtx<'_>) -> bool;
+
+    /// Whether something is queued for the hook that its wake descriptor does not report
+    /// (replies from other threads, say). Checked after the shard announces it will sleep,
+    /// so whoever queued it before the announcement, and therefore did not ring the
+    /// doorbell, is not missed.
+    fn pending(&self) -> bool {
+        false
+    }
+}
+
+/// What a hook can do with its shard during a turn.
+pub struct HookCtx<'a> {
+    pub(crate) shard: &'a mut Shard,
+}
+
+impl HookCtx<'_> {
+    /// This shard's number.
+    pub fn shard_id(&self) -> usize {
+        self.shard.id()
+    }
+
+    /// Run a command on the shard that owns its digest; `cb` gets the reply on that shard's
+    /// thread (at once, possibly before `submit` returns, when it is this shard).
+    pub fn submit(&mut self, cmd: Command, cb: impl FnOnce(Reply) + Send + 'static) {
+        self.shard.submit_from_hook(cmd, Box::new(cb));
+    }
+
+    /// Commands waiting for room in another shard's channel. A hook should stop taking new
+    /// requests while this is large.
+    pub fn forward_backlog(&self) -> usize {
+        self.shard.forward_backlog()
+    }
+}

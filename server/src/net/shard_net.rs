@@ -1,0 +1,598 @@
+//! The front-end inside the shards' loops (`front-end = "shards"`, the default).
+//!
+//! The acceptor thread hands each new connection to one shard's [`ShardNet`] in turn. A
+//! `ShardNet` is a [`ShardHook`]: it runs on its shard's thread, once per loop turn, with an
+//! epoll set of its connections (and the shard's doorbell) that the shard's io_uring watches
+//! while the shard sleeps. Sockets are non-blocking; each turn reads what has arrived,
+//! decodes every complete frame, and submits single-record commands through the shard:
+//! commands for the shard's own partitions run at once on this thread, the others are
+//! handed to their shard in one batch per destination per turn. Replies come back over a
+//! channel (with the doorbell rung when they come from another shard) and are written in
+//! request order; at most `max-inflight` commands per connection execute at once.
+//!
+//! Info, batch and scan requests wait on the engine, which a shard thread must never do, so
+//! a connection that sends one is handed, with its unread bytes, to a thread of its own
+//! running the blocking front-end (`conn.rs`) once its in-flight replies are written. (The
+//! clients send info on their own tend connections; data connections stay on the shards.)
+
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use ferrospike_engine::hook::{HookCtx, ShardHook};
+use ferrospike_engine::io::Doorbell;
+use ferrospike_engine::{Reply, ResultCode};
+
+use super::conn::{self, log_close, next_frame, Close, KEEP_BUF_BYTES, MIN_READ, READ_CHUNK, WRITE_TIMEOUT};
+use super::{NetStats, Shared, CONN_STACK_BYTES};
+use crate::proto::codes::*;
+use crate::proto::request::{self, classify, Flags, Kind};
+use crate::proto::response::{encode_error, encode_reply};
+use crate::proto::{Msg, MsgHeader, Reader, PROTO_HEADER_BYTES};
+
+/// epoll token of the doorbell; connection tokens are slab indices.
+const DOORBELL_TOKEN: u64 = u64::MAX;
+/// Events taken per epoll_wait.
+const EVENTS: usize = 128;
+/// Reads per connection per turn, so one busy connection cannot starve the others.
+const READS_PER_TURN: usize = 4;
+/// Unsent response bytes beyond which a connection's requests are no longer read.
+const MAX_OUT_BACKLOG: usize = 4 << 20;
+/// Commands waiting for another shard's channel beyond which no new requests are read.
+const MAX_FORWARD_BACKLOG: usize = 4096;
+/// How often deadlines, idle and stalled connections are checked.
+const TIMER_EVERY: Duration = Duration::from_millis(50);
+
+/// Where the acceptor drops connections for one shard.
+pub struct Inbox {
+    tx: Sender<(TcpStream, SocketAddr)>,
+    doorbell: OnceLock<Arc<Doorbell>>,
+}
+
+impl Inbox {
+    /// Hand a connection to the shard; gives it back when the shard has gone away.
+    pub fn deliver(&self, sock: TcpStream, peer: SocketAddr) -> Result<(), TcpStream> {
+        self.tx.send((sock, peer)).map_err(|e| e.into_inner().0)?;
+        if let Some(d) = self.doorbell.get() {
+            d.ring_if_sleeping();
+        }
+        Ok(())
+    }
+}
+
+/// A reply on its way back to its connection.
+struct NetReply {
+    slot: u32,
+    id: u64,
+    seq: u64,
+    bytes: Vec<u8>,
+}
+
+struct NetConn {
+    sock: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+    inbuf: Vec<u8>,
+    /// When the first byte of the incomplete request in `inbuf` arrived.
+    first_byte: Option<Instant>,
+    last_activity: Instant,
+    /// Responses not yet written, in request order (`None`: still executing).
+    slots: VecDeque<Option<Vec<u8>>>,
+    /// Sequence number of `slots[0]`.
+    base_seq: u64,
+    outstanding: usize,
+    out: Vec<u8>,
+    out_pos: usize,
+    last_write_progress: Instant,
+    /// epoll events currently registered.
+    interest: u32,
+    /// The next frame needs the blocking front-end: hand the connection over once idle.
+    migrate: bool,
+}
+
+/// One shard's front-end.
+pub struct ShardNet {
+    epoll: OwnedFd,
+    /// The server, once it exists (shards start before it does; no connection arrives
+    /// before it is set).
+    sh: Arc<OnceLock<Arc<Shared>>>,
+    /// The namespace whose engine runs this shard.
+    namespace: String,
+    inbox: Arc<Inbox>,
+    rx_conns: Receiver<(TcpStream, SocketAddr)>,
+    replies_tx: Sender<NetReply>,
+    replies_rx: Receiver<NetReply>,
+    doorbell: Option<Arc<Doorbell>>,
+    conns: Vec<Option<NetConn>>,
+    free: Vec<u32>,
+    next_id: u64,
+    events: Vec<libc::epoll_event>,
+    last_timer: Instant,
+    /// Connections that may have replies or bytes to write.
+    dirty: Vec<u32>,
+}
+
+fn epoll_ctl(ep: RawFd, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> std::io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: token };
+    // SAFETY: `ev` is a live epoll_event; epoll_ctl only reads it (and ignores it for DEL).
+    if unsafe { libc::epoll_ctl(ep, op, fd, &mut ev) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl ShardNet {
+    /// A front-end for one shard of `namespace`'s engine, and the inbox the acceptor uses.
+    pub fn new(sh: Arc<OnceLock<Arc<Shared>>>, namespace: &str) -> std::io::Result<(ShardNet, Arc<Inbox>)> {
+        // SAFETY: epoll_create1 has no memory-safety preconditions; the result is checked.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor nothing else owns.
+        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        let (tx, rx_conns) = unbounded();
+        let inbox = Arc::new(Inbox { tx, doorbell: OnceLock::new() });
+        let (replies_tx, replies_rx) = unbounded();
+        let net = ShardNet {
+            epoll,
+            sh,
+            namespace: namespace.to_string(),
+            inbox: inbox.clone(),
+            rx_conns,
+            replies_tx,
+            replies_rx,
+            doorbell: None,
+            conns: Vec::new(),
+            free: Vec::new(),
+            next_id: 1,
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS],
+            last_timer: Instant::now(),
+            dirty: Vec::new(),
+        };
+        Ok((net, inbox))
+    }
+
+    fn add_conn(&mut self, sh: &Shared, sock: TcpStream, peer: SocketAddr) {
+        if sock.set_nonblocking(true).is_err() {
+            sh.stats.connections_current.fetch_sub(1, SeqCst);
+            return;
+        }
+        let _ = sock.set_nodelay(true);
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.conns.push(None);
+                (self.conns.len() - 1) as u32
+            }
+        };
+        let interest = libc::EPOLLIN as u32;
+        if let Err(e) = epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, sock.as_raw_fd(), interest, slot as u64)
+        {
+            tracing::warn!("{peer}: cannot watch the connection: {e}");
+            self.free.push(slot);
+            sh.stats.connections_current.fetch_sub(1, SeqCst);
+            return;
+        }
+        let now = Instant::now();
+        let id = self.next_id;
+        self.next_id += 1;
+        self.conns[slot as usize] = Some(NetConn {
+            sock,
+            peer,
+            id,
+            inbuf: Vec::new(),
+            first_byte: None,
+            last_activity: now,
+            slots: VecDeque::new(),
+            base_seq: 0,
+            outstanding: 0,
+            out: Vec::new(),
+            out_pos: 0,
+            last_write_progress: now,
+            interest,
+            migrate: false,
+        });
+    }
+
+    fn close(&mut self, sh: &Shared, slot: u32, why: Close) {
+        if let Some(c) = self.conns[slot as usize].take() {
+            // Closing the socket removes it from the epoll set.
+            log_close(c.peer, why, sh);
+            sh.stats.connections_current.fetch_sub(1, SeqCst);
+            self.free.push(slot);
+        }
+    }
+
+    /// Read what has arrived on a connection and submit its complete requests.
+    fn read_conn(&mut self, sh: &Shared, slot: u32, ctx: &mut HookCtx<'_>) {
+        for _ in 0..READS_PER_TURN {
+            let Some(c) = self.conns[slot as usize].as_mut() else { return };
+            if throttled(c, sh, ctx) {
+                break;
+            }
+            let have = c.inbuf.len();
+            let want = match c.inbuf.first_chunk::<PROTO_HEADER_BYTES>() {
+                // The header was checked against max-msg-size when it was first parsed.
+                Some(h) => (PROTO_HEADER_BYTES as u64 + (u64::from_be_bytes(*h) & ((1 << 48) - 1)))
+                    .saturating_sub(have as u64)
+                    .min(READ_CHUNK as u64) as usize,
+                None => PROTO_HEADER_BYTES - have,
+            };
+            let want = want.clamp(MIN_READ, READ_CHUNK);
+            c.inbuf.resize(have + want, 0);
+            match c.sock.read(&mut c.inbuf[have..]) {
+                Ok(0) => {
+                    c.inbuf.truncate(have);
+                    self.close(sh, slot, Close::Eof);
+                    return;
+                }
+                Ok(n) => {
+                    c.inbuf.truncate(have + n);
+                    let now = Instant::now();
+                    c.last_activity = now;
+                    if have == 0 {
+                        c.first_byte = Some(now);
+                    }
+                    if let Err(why) = self.process(sh, slot, ctx) {
+                        self.close(sh, slot, why);
+                        return;
+                    }
+                    if n < want {
+                        break;
+                    }
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                    c.inbuf.truncate(have);
+                    break;
+                }
+                Err(e) => {
+                    c.inbuf.truncate(have);
+                    self.close(sh, slot, Close::Io(e));
+                    return;
+                }
+            }
+        }
+        self.dirty.push(slot);
+    }
+
+    /// Handle the complete frames at the start of a connection's buffer, up to the
+    /// connection's in-flight limit or a frame that needs the blocking front-end.
+    fn process(&mut self, sh: &Shared, slot: u32, ctx: &mut HookCtx<'_>) -> Result<(), Close> {
+        let max_body = sh.cfg.max_msg_bytes;
+        let max_inflight = sh.cfg.max_inflight;
+        let Some(c) = self.conns[slot as usize].as_mut() else { return Ok(()) };
+        let buf = std::mem::take(&mut c.inbuf);
+        let mut pos = 0;
+        let mut result = Ok(());
+        while !c.migrate && c.outstanding < max_inflight {
+            let (h, total) = match next_frame(&buf[pos..], max_body) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(Close::Protocol(e));
+                    break;
+                }
+            };
+            let body = &buf[pos + PROTO_HEADER_BYTES..pos + total];
+            match h.msg_type {
+                MSG_TYPE_AS_MSG => {
+                    if let Err(e) = MsgHeader::parse(&mut Reader::new(body)) {
+                        result = Err(Close::Protocol(e));
+                        break;
+                    }
+                    let m = match Msg::parse(body) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            NetStats::bump(&sh.stats.frames_malformed);
+                            tracing::debug!("malformed AS_MSG: {e}");
+                            NetStats::bump(&sh.stats.error_replies);
+                            c.slots.push_back(Some(encode_error(ResultCode::Parameter.code())));
+                            pos += total;
+                            continue;
+                        }
+                    };
+                    if classify(&m) != Kind::Single {
+                        c.migrate = true;
+                        break;
+                    }
+                    NetStats::bump(&sh.stats.single_requests);
+                    match request::single(&Flags::from(&m.header), &m.fields, &m.ops, None) {
+                        Ok(req) => {
+                            let seq = c.base_seq + c.slots.len() as u64;
+                            c.slots.push_back(None);
+                            c.outstanding += 1;
+                            let tx = self.replies_tx.clone();
+                            let bell = self.doorbell.clone();
+                            let id = c.id;
+                            let op_codes = req.op_codes;
+                            let cb = move |reply: Reply| {
+                                let bytes = encode_reply(&reply, op_codes.as_deref());
+                                let _ = tx.send(NetReply { slot, id, seq, bytes });
+                                if let Some(b) = bell {
+                                    b.ring_if_sleeping();
+                                }
+                            };
+                            if req.namespace == self.namespace {
+                                ctx.submit(req.cmd, cb);
+                            } else if let Some(e) = sh.engine(req.namespace) {
+                                e.submit(req.cmd, cb);
+                            } else {
+                                // Not executed after all: answer in place.
+                                c.outstanding -= 1;
+                                c.slots.pop_back();
+                                NetStats::bump(&sh.stats.error_replies);
+                                c.slots.push_back(Some(encode_error(ResultCode::Namespace.code())));
+                            }
+                        }
+                        Err(rc) => {
+                            NetStats::bump(&sh.stats.error_replies);
+                            c.slots.push_back(Some(encode_error(rc.code())));
+                        }
+                    }
+                }
+                MSG_TYPE_INFO => {
+                    c.migrate = true;
+                    break;
+                }
+                MSG_TYPE_COMPRESSED => {
+                    NetStats::bump(&sh.stats.error_replies);
+                    c.slots.push_back(Some(encode_error(ResultCode::UnsupportedFeature.code())));
+                }
+                _ => {
+                    result = Err(Close::Unsupported("security/admin messages (no authentication is configured)"));
+                    break;
+                }
+            }
+            pos += total;
+        }
+        c.inbuf = buf;
+        if pos > 0 {
+            c.inbuf.drain(..pos);
+            c.first_byte = (!c.inbuf.is_empty()).then(Instant::now);
+            if c.inbuf.is_empty() && c.inbuf.capacity() > KEEP_BUF_BYTES {
+                c.inbuf = Vec::new();
+            }
+        }
+        result
+    }
+
+    /// Write a connection's finished responses, in order, as far as the socket takes them.
+    fn flush(&mut self, sh: &Shared, slot: u32, ctx: &mut HookCtx<'_>) {
+        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        while matches!(c.slots.front(), Some(Some(_))) {
+            let b = c.slots.pop_front().flatten().expect("checked");
+            if c.out_pos == c.out.len() {
+                c.out.clear();
+                c.out_pos = 0;
+            }
+            c.out.extend_from_slice(&b);
+            c.base_seq += 1;
+        }
+        while c.out_pos < c.out.len() {
+            match c.sock.write(&c.out[c.out_pos..]) {
+                Ok(0) => {
+                    self.close(sh, slot, Close::Io(ErrorKind::WriteZero.into()));
+                    return;
+                }
+                Ok(n) => {
+                    c.out_pos += n;
+                    c.last_write_progress = Instant::now();
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    self.close(sh, slot, Close::Io(e));
+                    return;
+                }
+            }
+        }
+        if c.out_pos == c.out.len() {
+            c.out.clear();
+            c.out_pos = 0;
+            if c.out.capacity() > KEEP_BUF_BYTES {
+                c.out = Vec::new();
+            }
+        }
+        // Requests already buffered but held back by the in-flight limit.
+        if !c.migrate && !throttled(c, sh, ctx) && c.outstanding < sh.cfg.max_inflight && !c.inbuf.is_empty() {
+            let before = c.outstanding + c.slots.len();
+            if let Err(why) = self.process(sh, slot, ctx) {
+                self.close(sh, slot, why);
+                return;
+            }
+            let Some(c) = self.conns[slot as usize].as_ref() else { return };
+            if c.outstanding + c.slots.len() != before {
+                self.dirty.push(slot);
+            }
+        }
+        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        if c.migrate && c.outstanding == 0 && c.slots.is_empty() && c.out.is_empty() {
+            self.hand_over(sh, slot);
+            return;
+        }
+        let mut want = 0u32;
+        if !throttled(c, sh, ctx) {
+            want |= libc::EPOLLIN as u32;
+        }
+        if c.out_pos < c.out.len() {
+            want |= libc::EPOLLOUT as u32;
+        }
+        if want != c.interest {
+            match epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_MOD, c.sock.as_raw_fd(), want, slot as u64) {
+                Ok(()) => c.interest = want,
+                Err(e) => self.close(sh, slot, Close::Io(e)),
+            }
+        }
+    }
+
+    /// Give a connection to a thread of its own running the blocking front-end.
+    fn hand_over(&mut self, sh: &Shared, slot: u32) {
+        let Some(c) = self.conns[slot as usize].take() else { return };
+        self.free.push(slot);
+        let _ = epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, c.sock.as_raw_fd(), 0, 0);
+        let Some(shared) = self.sh.get().cloned() else { return };
+        if c.sock.set_nonblocking(false).is_err() {
+            sh.stats.connections_current.fetch_sub(1, SeqCst);
+            return;
+        }
+        let (sock, peer, inbuf) = (c.sock, c.peer, c.inbuf);
+        let spawned = std::thread::Builder::new().name("conn".into()).stack_size(CONN_STACK_BYTES).spawn(move || {
+            conn::serve(sock, peer, &shared, inbuf);
+            shared.stats.connections_current.fetch_sub(1, SeqCst);
+        });
+        if let Err(e) = spawned {
+            sh.stats.connections_current.fetch_sub(1, SeqCst);
+            NetStats::bump(&sh.stats.connections_refused);
+            tracing::warn!("{peer}: cannot start a thread for an info, batch or scan request: {e}");
+        }
+    }
+
+    fn timers(&mut self, sh: &Shared) {
+        let now = Instant::now();
+        if now.duration_since(self.last_timer) < TIMER_EVERY {
+            return;
+        }
+        self.last_timer = now;
+        let stopping = sh.stopping.load(SeqCst);
+        let deadline = Duration::from_millis(sh.cfg.request_deadline_ms);
+        let idle = Duration::from_secs(sh.cfg.idle_timeout_secs);
+        for slot in 0..self.conns.len() as u32 {
+            let Some(c) = self.conns[slot as usize].as_ref() else { continue };
+            let quiet = c.outstanding == 0 && c.slots.is_empty() && c.out.is_empty();
+            let why = if c.out_pos < c.out.len() && now.duration_since(c.last_write_progress) > WRITE_TIMEOUT {
+                Some(Close::WriteStalled)
+            } else if !c.migrate
+                && !c.inbuf.is_empty()
+                && c.first_byte.is_some_and(|t| now.duration_since(t) > deadline)
+            {
+                Some(Close::Deadline)
+            } else if quiet && c.inbuf.is_empty() && stopping {
+                Some(Close::Stopping)
+            } else if quiet
+                && c.inbuf.is_empty()
+                && sh.cfg.idle_timeout_secs > 0
+                && now.duration_since(c.last_activity) > idle
+            {
+                Some(Close::Idle)
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                self.close(sh, slot, why);
+            }
+        }
+    }
+}
+
+/// Whether a connection's requests should not be read for now.
+fn throttled(c: &NetConn, sh: &Shared, ctx: &HookCtx<'_>) -> bool {
+    c.migrate
+        || c.outstanding >= sh.cfg.max_inflight
+        || c.out.len() - c.out_pos > MAX_OUT_BACKLOG
+        || ctx.forward_backlog() > MAX_FORWARD_BACKLOG
+}
+
+impl ShardHook for ShardNet {
+    fn wake_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    fn start(&mut self, doorbell: Arc<Doorbell>) {
+        if let Err(e) = epoll_ctl(
+            self.epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            doorbell.raw_fd(),
+            libc::EPOLLIN as u32,
+            DOORBELL_TOKEN,
+        ) {
+            tracing::error!("shard front-end: cannot watch the doorbell ({e}); replies rely on timeouts");
+        }
+        let _ = self.inbox.doorbell.set(doorbell.clone());
+        self.doorbell = Some(doorbell);
+    }
+
+    fn pending(&self) -> bool {
+        !self.replies_rx.is_empty() || !self.rx_conns.is_empty()
+    }
+
+    fn turn(&mut self, ctx: &mut HookCtx<'_>) -> bool {
+        let sh = self.sh.get().cloned();
+        let mut did = false;
+        if let Some(sh) = sh.as_deref() {
+            while let Ok((sock, peer)) = self.rx_conns.try_recv() {
+                self.add_conn(sh, sock, peer);
+                did = true;
+            }
+        }
+        // SAFETY: `events` is a live buffer of EVENTS epoll_event entries; the kernel writes
+        // at most that many.
+        let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), self.events.as_mut_ptr(), EVENTS as libc::c_int, 0) };
+        let Some(sh) = sh.as_deref() else {
+            // No server yet: only the doorbell can be in the set; reset it.
+            if n > 0 {
+                if let Some(d) = &self.doorbell {
+                    drain_eventfd(d.raw_fd());
+                }
+            }
+            return false;
+        };
+        for i in 0..n.max(0) as usize {
+            let ev = self.events[i];
+            let (token, flags) = (ev.u64, ev.events);
+            if token == DOORBELL_TOKEN {
+                if let Some(d) = &self.doorbell {
+                    drain_eventfd(d.raw_fd());
+                }
+                continue;
+            }
+            did = true;
+            let slot = token as u32;
+            if flags & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
+                self.read_conn(sh, slot, ctx);
+            }
+            if flags & libc::EPOLLOUT as u32 != 0 {
+                self.dirty.push(slot);
+            }
+        }
+        while let Ok(r) = self.replies_rx.try_recv() {
+            did = true;
+            let Some(c) = self.conns.get_mut(r.slot as usize).and_then(Option::as_mut).filter(|c| c.id == r.id) else {
+                continue;
+            };
+            let i = (r.seq - c.base_seq) as usize;
+            debug_assert!(c.slots[i].is_none(), "one reply per request");
+            c.slots[i] = Some(r.bytes);
+            c.outstanding -= 1;
+            self.dirty.push(r.slot);
+        }
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        for slot in dirty.drain(..) {
+            self.flush(sh, slot, ctx);
+        }
+        if self.dirty.is_empty() {
+            self.dirty = dirty;
+        } else {
+            // Flushing submitted held-back requests: come round again for their replies.
+            did = true;
+        }
+        self.timers(sh);
+        did
+    }
+}
+
+/// Reset an eventfd's counter (non-blocking).
+fn drain_eventfd(fd: RawFd) {
+    let mut v: u64 = 0;
+    // SAFETY: reads at most 8 bytes into a live u64; the eventfd is non-blocking.
+    unsafe {
+        libc::read(fd, (&mut v as *mut u64).cast(), 8);
+    }
+}
