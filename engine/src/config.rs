@@ -56,7 +56,7 @@ impl EngineConfig {
             wblock_bytes: 1 << 20,
             flush_max_ms: 1000,
             commit_to_device: false,
-            post_write_cache_bytes: 64 << 20,
+            post_write_cache_bytes: 256 << 20,
             max_write_cache_bytes: 64 << 20,
             default_ttl_secs: 0,
             defrag_lwm_pct: 50,

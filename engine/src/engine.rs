@@ -70,8 +70,11 @@ impl Engine {
         tracing::info!("namespace {}: I/O: {}", cfg.namespace, io.describe());
         let headers = prepare_headers(&cfg, &devices, io.as_mut())?;
         let previous_clean = headers.iter().all(|h| h.clean());
-        if headers.iter().all(|h| h.write_seq == 0) {
-            tracing::info!("namespace {}: new devices", cfg.namespace);
+        // Devices formatted just now hold nothing a cold start could verify (every record
+        // checksum covers the new random device id): no need to scan them.
+        let fresh = headers.iter().all(|h| h.write_seq == 0);
+        if fresh {
+            tracing::info!("namespace {}: new devices (nothing to scan)", cfg.namespace);
         } else {
             tracing::info!(
                 "namespace {}: previous shutdown was {}",
@@ -120,6 +123,7 @@ impl Engine {
             next_wblock_seq: AtomicU64::new(1),
             stats: (0..n_shards).map(|_| ShardStats::default()).collect(),
             sets: SetRegistry::new(),
+            fresh_devices: fresh,
             truncates: std::sync::RwLock::new(truncates),
             cfg,
         });
@@ -445,7 +449,7 @@ fn shard_main(
     };
     // Phase 1: scan this shard's slice.
     let mut index = crate::index::Index::new();
-    if let Some(io) = io.as_mut() {
+    if let Some(io) = io.as_mut().filter(|_| !shared.fresh_devices) {
         match scan_slice(io.as_mut(), &shared, id) {
             Ok(s) => {
                 max_seq.fetch_max(s.max_seq, Relaxed);

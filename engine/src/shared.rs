@@ -99,6 +99,8 @@ pub(crate) struct Shared {
     pub next_wblock_seq: AtomicU64,
     pub stats: Vec<ShardStats>,
     pub sets: SetRegistry,
+    /// Every device was formatted by this start: the cold start scan is skipped.
+    pub fresh_devices: bool,
     /// Truncates in force (as persisted in the device headers).
     pub truncates: RwLock<Vec<TruncateEntry>>,
 }

@@ -58,7 +58,8 @@ pub const REFERENCE: &str = r#"CONFIGURATION (TOML, Aerospike option names):
     defrag-sleep = 1000          microseconds between two defragmented write blocks
     flush-max-ms = 1000          write a partial write block after this long
     commit-to-device = false     acknowledge writes only once durable on the device
-    post-write-cache = "64M"     recently written blocks kept in memory for reads
+    post-write-cache = "256M"    recently written blocks kept in memory for reads (the same
+                                 default as Aerospike 7.1+, which keeps it per device)
     max-write-cache = "64M"      bytes queued for the device before writes get
                                  DEVICE_OVERLOAD (18)
     stop-writes-avail-pct = 5    client writes get OUT_OF_SPACE below this free space (percent)
