@@ -229,18 +229,33 @@ impl Index {
 
     /// Insert or replace the entry for `e.digest`; returns the previous one.
     pub fn upsert(&mut self, e: IndexEntry) -> Option<IndexEntry> {
+        self.upsert_inner(e, false)
+    }
+
+    /// [`Index::upsert`], with `fresh` set to whether the digest had no entry (one lookup
+    /// instead of a `get` before the upsert).
+    pub fn upsert_marking_fresh(&mut self, e: IndexEntry) -> Option<IndexEntry> {
+        self.upsert_inner(e, true)
+    }
+
+    fn upsert_inner(&mut self, mut e: IndexEntry, mark_fresh: bool) -> Option<IndexEntry> {
         let arena = &mut self.arena;
         let table = &mut self.parts[e.digest.partition() as usize];
         let hash = e.digest.hash64();
-        let new = Slot::from_entry(&e);
         let old = match table.find(hash, |&i| arena.get(i).digest == e.digest.0) {
             Some(&i) => {
+                if mark_fresh {
+                    e.fresh = false;
+                }
                 let old = arena.get(i).to_entry();
-                *arena.get_mut(i) = new;
+                *arena.get_mut(i) = Slot::from_entry(&e);
                 Some(old)
             }
             None => {
-                let i = arena.alloc(new);
+                if mark_fresh {
+                    e.fresh = true;
+                }
+                let i = arena.alloc(Slot::from_entry(&e));
                 table.insert_unique(hash, i, |&j| arena.get(j).hash());
                 None
             }
@@ -392,6 +407,17 @@ mod tests {
         }
         let total: usize = (0..N_PARTITIONS as u16).map(|p| idx.partition_len(p)).sum();
         assert_eq!(total, model.len());
+    }
+
+    #[test]
+    fn upsert_marking_fresh_says_whether_the_digest_was_new() {
+        let mut idx = Index::new();
+        let e = IndexEntry { fresh: false, ..entry(1) };
+        assert!(idx.upsert_marking_fresh(e).is_none());
+        assert!(idx.get(&e.digest).unwrap().fresh);
+        let again = IndexEntry { fresh: true, seq: 9, ..e };
+        assert!(idx.upsert_marking_fresh(again).is_some());
+        assert!(!idx.get(&e.digest).unwrap().fresh);
     }
 
     #[test]

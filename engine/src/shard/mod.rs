@@ -591,12 +591,11 @@ impl Shard {
             cb(Reply::error(ResultCode::DeviceOverload));
             return;
         }
-        let old_entry = self.index.get(&meta.digest);
         // A command without a set name (an engine-level delete, an expiry tombstone) keeps
         // the set of the version it replaces.
         let inherited;
         let (set, set_id) = if set.is_empty() {
-            match old_entry.filter(|o| o.set_id != 0) {
+            match self.index.get(&meta.digest).filter(|o| o.set_id != 0) {
                 Some(o) => {
                     inherited = self.shared.sets.name(o.set_id);
                     (inherited.as_str(), o.set_id)
@@ -642,9 +641,9 @@ impl Shard {
             set_id,
             tombstone: meta.tombstone,
             key_stored: key.is_some(),
-            fresh: old_entry.is_none(),
+            fresh: false,
         };
-        let old = self.index.upsert(entry);
+        let old = self.index.upsert_marking_fresh(entry);
         self.shared.stats[self.id].client_write_bytes.fetch_add(plen as u64, Relaxed);
         let open = self.open[slot(dev, CLIENT)].as_mut().expect("append leaves an open wblock");
         if let Some(o) = old {
