@@ -26,6 +26,14 @@ fn open(disk: &SimDisk) -> Engine {
     Engine::open(cfg(), Arc::new(SimDevices::new(vec![disk.clone()], 4096))).expect("engine opens")
 }
 
+/// A new 64 MiB simulated disk and an engine on it.
+fn start() -> (SimDisk, Engine) {
+    common::init_logs();
+    let disk = SimDisk::new(64 << 20);
+    let e = open(&disk);
+    (disk, e)
+}
+
 fn digest(set: &str, i: u64) -> Digest {
     compute_digest(set, 1, &(i as i64).to_be_bytes())
 }
@@ -59,9 +67,7 @@ fn set_records(e: &Engine, set: &str) -> Option<(u64, u64)> {
 
 #[test]
 fn truncating_a_set_is_durable_and_leaves_other_sets_alone() {
-    common::init_logs();
-    let disk = SimDisk::new(64 << 20);
-    let e = open(&disk);
+    let (disk, e) = start();
     for i in 0..300 {
         put(&e, "a", i);
     }
@@ -116,9 +122,7 @@ fn truncating_a_set_is_durable_and_leaves_other_sets_alone() {
 
 #[test]
 fn namespace_truncate_before_a_time() {
-    common::init_logs();
-    let disk = SimDisk::new(64 << 20);
-    let e = open(&disk);
+    let (disk, e) = start();
     for i in 0..100 {
         put(&e, "a", i);
         put(&e, "", i);
@@ -160,9 +164,7 @@ fn namespace_truncate_before_a_time() {
 
 #[test]
 fn the_truncate_table_has_a_limit_and_a_namespace_truncate_compacts_it() {
-    common::init_logs();
-    let disk = SimDisk::new(64 << 20);
-    let e = open(&disk);
+    let (disk, e) = start();
     let mut n = 0;
     let err = loop {
         match e.truncate(Some(&format!("{n:063}")), None) {
@@ -186,9 +188,7 @@ fn the_truncate_table_has_a_limit_and_a_namespace_truncate_compacts_it() {
 
 #[test]
 fn truncate_now_covers_writes_of_the_same_millisecond_and_spares_later_ones() {
-    common::init_logs();
-    let disk = SimDisk::new(64 << 20);
-    let e = open(&disk);
+    let (disk, e) = start();
     for r in 0..20 {
         put(&e, "x", r);
         e.truncate(Some("x"), None).unwrap();

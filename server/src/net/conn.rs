@@ -167,6 +167,20 @@ struct Conn<'a> {
     pending: Pending,
 }
 
+/// How many bytes to ask the socket for next, given the unprocessed bytes in `buf`: the rest
+/// of the frame that has begun (its header was checked against max-msg-size when it was
+/// first parsed), within [MIN_READ, READ_CHUNK], so a buffer only grows as bytes arrive.
+pub(super) fn read_window(buf: &[u8]) -> usize {
+    let have = buf.len();
+    let want = match buf.first_chunk::<PROTO_HEADER_BYTES>() {
+        Some(h) => (PROTO_HEADER_BYTES as u64 + (u64::from_be_bytes(*h) & ((1 << 48) - 1)))
+            .saturating_sub(have as u64)
+            .min(READ_CHUNK as u64) as usize,
+        None => PROTO_HEADER_BYTES - have,
+    };
+    want.clamp(MIN_READ, READ_CHUNK)
+}
+
 /// A complete frame at the start of `buf`: its header and total length.
 pub(super) fn next_frame(buf: &[u8], max_body: u64) -> Result<Option<(ProtoHeader, usize)>, ProtocolError> {
     let Some(h) = buf.first_chunk::<PROTO_HEADER_BYTES>() else {
@@ -195,14 +209,7 @@ impl Conn<'_> {
     /// Read what has arrived (waiting at most one tick), then check the deadlines.
     fn read_more(&mut self) -> Result<(), Close> {
         let have = self.buf.len();
-        let want = match self.buf.first_chunk::<PROTO_HEADER_BYTES>() {
-            // The header was checked against max-msg-size by `process`.
-            Some(h) => (PROTO_HEADER_BYTES as u64 + (u64::from_be_bytes(*h) & ((1 << 48) - 1)))
-                .saturating_sub(have as u64)
-                .min(READ_CHUNK as u64) as usize,
-            None => PROTO_HEADER_BYTES - have,
-        };
-        let want = want.clamp(MIN_READ, READ_CHUNK);
+        let want = read_window(&self.buf);
         self.buf.resize(have + want, 0);
         let r = self.sock.read(&mut self.buf[have..]);
         let now = Instant::now();

@@ -28,7 +28,7 @@ use ferrospike_engine::hook::{HookCtx, ShardHook};
 use ferrospike_engine::io::Doorbell;
 use ferrospike_engine::{Reply, ResultCode};
 
-use super::conn::{self, log_close, next_frame, Close, KEEP_BUF_BYTES, MIN_READ, READ_CHUNK, WRITE_TIMEOUT};
+use super::conn::{self, log_close, next_frame, read_window, Close, KEEP_BUF_BYTES, WRITE_TIMEOUT};
 use super::{NetStats, Shared, CONN_STACK_BYTES};
 use crate::proto::codes::*;
 use crate::proto::request::{self, classify, Flags, Kind};
@@ -217,14 +217,7 @@ impl ShardNet {
                 break;
             }
             let have = c.inbuf.len();
-            let want = match c.inbuf.first_chunk::<PROTO_HEADER_BYTES>() {
-                // The header was checked against max-msg-size when it was first parsed.
-                Some(h) => (PROTO_HEADER_BYTES as u64 + (u64::from_be_bytes(*h) & ((1 << 48) - 1)))
-                    .saturating_sub(have as u64)
-                    .min(READ_CHUNK as u64) as usize,
-                None => PROTO_HEADER_BYTES - have,
-            };
-            let want = want.clamp(MIN_READ, READ_CHUNK);
+            let want = read_window(&c.inbuf);
             c.inbuf.resize(have + want, 0);
             match c.sock.read(&mut c.inbuf[have..]) {
                 Ok(0) => {
