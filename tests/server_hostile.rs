@@ -270,5 +270,21 @@ fn pipelined(name: &str, service: &str, front_end_log: &str) {
     s.write_all(&request(5, None)).unwrap();
     assert_eq!(response(&mut s).unwrap(), (0, Some(35)));
     drop(s);
+    // A client that sends its requests and shuts its side down still gets every answer,
+    // then the server closes.
+    let mut s = connect(srv.port);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut burst = Vec::new();
+    for k in 0..40 {
+        burst.extend_from_slice(&request(k, None));
+    }
+    s.write_all(&burst).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    for k in 0..40 {
+        assert_eq!(response(&mut s).unwrap(), (0, Some(k * 7)), "get {k} after the client's shutdown");
+    }
+    let mut rest = Vec::new();
+    assert_eq!(s.read_to_end(&mut rest).unwrap(), 0, "the server closes after the last answer");
+    drop(s);
     assert!(srv.stop().success());
 }

@@ -93,6 +93,8 @@ struct NetConn {
     interest: u32,
     /// The next frame needs the blocking front-end: hand the connection over once idle.
     migrate: bool,
+    /// The client has shut its side down: answer what it sent, then close.
+    eof: bool,
 }
 
 /// One shard's front-end.
@@ -197,6 +199,7 @@ impl ShardNet {
             last_write_progress: now,
             interest,
             migrate: false,
+            eof: false,
         });
     }
 
@@ -213,7 +216,7 @@ impl ShardNet {
     fn read_conn(&mut self, sh: &Shared, slot: u32, ctx: &mut HookCtx<'_>) {
         for _ in 0..READS_PER_TURN {
             let Some(c) = self.conns[slot as usize].as_mut() else { return };
-            if throttled(c, sh, ctx) {
+            if c.eof || throttled(c, sh, ctx) {
                 break;
             }
             let have = c.inbuf.len();
@@ -221,9 +224,11 @@ impl ShardNet {
             c.inbuf.resize(have + want, 0);
             match c.sock.read(&mut c.inbuf[have..]) {
                 Ok(0) => {
+                    // A half-closed client still gets the answers to what it sent; `flush`
+                    // closes the connection once they are written.
                     c.inbuf.truncate(have);
-                    self.close(sh, slot, Close::Eof);
-                    return;
+                    c.eof = true;
+                    break;
                 }
                 Ok(n) => {
                     c.inbuf.truncate(have + n);
@@ -405,12 +410,18 @@ impl ShardNet {
             }
         }
         let Some(c) = self.conns[slot as usize].as_mut() else { return };
-        if c.migrate && c.outstanding == 0 && c.slots.is_empty() && c.out.is_empty() {
+        let answered = c.outstanding == 0 && c.slots.is_empty() && c.out.is_empty();
+        if c.migrate && answered {
             self.hand_over(sh, slot);
             return;
         }
+        if c.eof && answered && next_frame(&c.inbuf, sh.cfg.max_msg_bytes).ok().flatten().is_none() {
+            // Everything the client sent in full is answered; a partial frame is dropped.
+            self.close(sh, slot, Close::Eof);
+            return;
+        }
         let mut want = 0u32;
-        if !throttled(c, sh, ctx) {
+        if !c.eof && !throttled(c, sh, ctx) {
             want |= libc::EPOLLIN as u32;
         }
         if c.out_pos < c.out.len() {
