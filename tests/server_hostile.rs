@@ -226,18 +226,54 @@ fn hostile_clients_do_not_disturb_good_ones() {
 
 #[test]
 fn pipelined_requests_are_answered_in_order() {
-    pipelined("server-pipeline", "max-inflight = 16", "front-end inside the 2 shard loops");
+    pipelined("server-pipeline", "max-inflight = 16", "front-end inside the 2 shard loops", true);
 }
 
 #[test]
 fn pipelined_requests_are_answered_in_order_by_the_thread_front_end() {
-    pipelined("server-pipeline-threads", "max-inflight = 16\nfront-end = \"threads\"", "one thread per connection");
+    pipelined(
+        "server-pipeline-threads",
+        "max-inflight = 16\nfront-end = \"threads\"",
+        "one thread per connection",
+        false,
+    );
+}
+
+/// One info command's value, on a connection of its own.
+fn info(port: u16, cmd: &str) -> String {
+    let mut s = connect(port);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&frame(1, format!("{cmd}\n").as_bytes())).unwrap();
+    let mut h = [0u8; 8];
+    s.read_exact(&mut h).unwrap();
+    let mut body = vec![0; (u64::from_be_bytes(h) & 0xffff_ffff) as usize];
+    s.read_exact(&mut body).unwrap();
+    String::from_utf8(body).unwrap()
+}
+
+/// Batch reads of more rows than run at once, some missing, then single commands on the
+/// same connection.
+fn batches(port: u16) {
+    use ferrospike_tools::wire::{encode_batch_get, Conn};
+    let mut c = Conn::connect(&format!("127.0.0.1:{port}"), Duration::from_secs(10)).unwrap();
+    let keys: Vec<i64> = (0..400).collect();
+    let digests: Vec<_> = keys.iter().map(|&k| UserKey::Int(k).digest("h")).collect();
+    let mut req = Vec::new();
+    encode_batch_get(&mut req, "test", "h", &digests);
+    for round in 0..3 {
+        let (rows, last) = c.batch(&req, digests.len()).unwrap();
+        assert_eq!(last, 0, "round {round}");
+        for (i, rc) in rows.iter().enumerate() {
+            assert_eq!(*rc, if i < 300 { 0 } else { 2 }, "round {round}: row {i}");
+        }
+        assert_eq!(c.call(&request(7, None)).unwrap(), 0, "round {round}: a get after the batch");
+    }
 }
 
 /// Pipelined puts and gets (more than max-inflight, over both shards) with an info request
 /// in the middle, which the shard front-end hands to a connection thread: every answer
 /// comes back, in order.
-fn pipelined(name: &str, service: &str, front_end_log: &str) {
+fn pipelined(name: &str, service: &str, front_end_log: &str, shard_front_end: bool) {
     let dir = Scratch::new(name);
     let mut srv = ServerProc::start(&dir, service);
     assert!(srv.log_text().contains(front_end_log), "{}", srv.log_text());
@@ -270,6 +306,13 @@ fn pipelined(name: &str, service: &str, front_end_log: &str) {
     s.write_all(&request(5, None)).unwrap();
     assert_eq!(response(&mut s).unwrap(), (0, Some(35)));
     drop(s);
+    batches(srv.port);
+    if shard_front_end {
+        // Only the connection that sent an info request (and this one) left the shards:
+        // batches are served in them.
+        let stats = info(srv.port, "statistics");
+        assert!(stats.contains(";client_connections_handed_over=2;"), "{stats}");
+    }
     // A client that sends its requests and shuts its side down still gets every answer,
     // then the server closes.
     let mut s = connect(srv.port);

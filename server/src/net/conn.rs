@@ -33,7 +33,7 @@ const MAX_INFO_BODY: u64 = 64 << 10;
 /// Batch and scan responses are sent in frames of about this size.
 const STREAM_FRAME_BYTES: usize = 256 << 10;
 /// Batch rows executing at once.
-const BATCH_WINDOW: usize = 128;
+pub(super) const BATCH_WINDOW: usize = 128;
 /// Records asked of the engine per scan page.
 const SCAN_PAGE: usize = 256;
 /// A read buffer above this capacity is shrunk when it empties.

@@ -10,8 +10,12 @@
 //! channel (with the doorbell rung when they come from another shard) and are written in
 //! request order; at most `max-inflight` commands per connection execute at once.
 //!
-//! Info, batch and scan requests wait on the engine, which a shard thread must never do, so
-//! a connection that sends one is handed, with its unread bytes, to a thread of its own
+//! Batch requests run here too: their rows are submitted like single commands, at most
+//! `BATCH_WINDOW` at once per batch, and the finished rows are framed and written as they
+//! come (a batch's response is streamed while it is the oldest one pending).
+//!
+//! Info and scan requests wait on the whole engine, which a shard thread must never do, so a
+//! connection that sends one is handed, with its unread bytes, to a thread of its own
 //! running the blocking front-end (`conn.rs`) once its in-flight replies are written. (The
 //! clients send info on their own tend connections; data connections stay on the shards.)
 
@@ -28,11 +32,14 @@ use ferrospike_engine::hook::{HookCtx, ShardHook};
 use ferrospike_engine::io::Doorbell;
 use ferrospike_engine::{Reply, ResultCode};
 
-use super::conn::{self, log_close, next_frame, read_window, Close, KEEP_BUF_BYTES, WRITE_TIMEOUT};
+use super::conn::{self, log_close, next_frame, read_window, Close, BATCH_WINDOW, KEEP_BUF_BYTES, WRITE_TIMEOUT};
 use super::{NetStats, Shared, CONN_STACK_BYTES};
+use crate::proto::batch::{BatchCursor, BatchRows};
 use crate::proto::codes::*;
 use crate::proto::request::{self, classify, Flags, Kind};
-use crate::proto::response::{encode_error, encode_reply};
+use crate::proto::response::{
+    begin_frame, encode_error, encode_reply, end_frame, write_last_msg, write_reply_msg, RespHeader,
+};
 use crate::proto::{Msg, MsgHeader, Reader, PROTO_HEADER_BYTES};
 
 /// epoll token of the doorbell; connection tokens are slab indices.
@@ -71,6 +78,38 @@ struct NetReply {
     id: u64,
     seq: u64,
     bytes: Vec<u8>,
+    /// One row of the batch request `seq` (a message, not a whole frame).
+    row: bool,
+}
+
+/// A response in the making, in request order.
+struct Slot {
+    bytes: Vec<u8>,
+    /// Complete: once it reaches the head of the queue it can go. A batch's slot is written
+    /// out piece by piece while it is at the head and not done.
+    done: bool,
+}
+
+impl Slot {
+    fn done(bytes: Vec<u8>) -> Slot {
+        Slot { bytes, done: true }
+    }
+
+    fn pending() -> Slot {
+        Slot { bytes: Vec::new(), done: false }
+    }
+}
+
+/// A batch request being executed: at most `BATCH_WINDOW` rows at once.
+struct BatchJob {
+    /// The BATCH_INDEX field (validated).
+    body: Vec<u8>,
+    cursor: BatchCursor,
+    seq: u64,
+    outstanding: usize,
+    all_submitted: bool,
+    /// Row messages not yet framed.
+    rows: Vec<u8>,
 }
 
 struct NetConn {
@@ -81,8 +120,8 @@ struct NetConn {
     /// When the first byte of the incomplete request in `inbuf` arrived.
     first_byte: Option<Instant>,
     last_activity: Instant,
-    /// Responses not yet written, in request order (`None`: still executing).
-    slots: VecDeque<Option<Vec<u8>>>,
+    /// Responses not yet written, in request order.
+    slots: VecDeque<Slot>,
     /// Sequence number of `slots[0]`.
     base_seq: u64,
     outstanding: usize,
@@ -95,6 +134,8 @@ struct NetConn {
     migrate: bool,
     /// The client has shut its side down: answer what it sent, then close.
     eof: bool,
+    /// The batch request in progress (one at a time per connection).
+    batch: Option<BatchJob>,
 }
 
 /// One shard's front-end.
@@ -200,6 +241,7 @@ impl ShardNet {
             interest,
             migrate: false,
             eof: false,
+            batch: None,
         });
     }
 
@@ -290,20 +332,38 @@ impl ShardNet {
                             NetStats::bump(&sh.stats.frames_malformed);
                             tracing::debug!("malformed AS_MSG: {e}");
                             NetStats::bump(&sh.stats.error_replies);
-                            c.slots.push_back(Some(encode_error(ResultCode::Parameter.code())));
+                            c.slots.push_back(Slot::done(encode_error(ResultCode::Parameter.code())));
                             pos += total;
                             continue;
                         }
                     };
-                    if classify(&m) != Kind::Single {
-                        c.migrate = true;
-                        break;
+                    match classify(&m) {
+                        Kind::Single => {}
+                        Kind::Batch if c.batch.is_some() => break,
+                        Kind::Batch => {
+                            NetStats::bump(&sh.stats.batch_requests);
+                            let seq = c.base_seq + c.slots.len() as u64;
+                            match start_batch(sh, &m, seq) {
+                                Ok(job) => {
+                                    c.slots.push_back(Slot::pending());
+                                    c.outstanding += 1;
+                                    c.batch = Some(job);
+                                }
+                                Err(rc) => c.slots.push_back(Slot::done(last_frame(rc))),
+                            }
+                            pos += total;
+                            continue;
+                        }
+                        Kind::Scan => {
+                            c.migrate = true;
+                            break;
+                        }
                     }
                     NetStats::bump(&sh.stats.single_requests);
                     match request::single(&Flags::from(&m.header), &m.fields, &m.ops, None) {
                         Ok(req) => {
                             let seq = c.base_seq + c.slots.len() as u64;
-                            c.slots.push_back(None);
+                            c.slots.push_back(Slot::pending());
                             c.outstanding += 1;
                             let tx = self.replies_tx.clone();
                             let bell = self.doorbell.clone();
@@ -311,7 +371,7 @@ impl ShardNet {
                             let op_codes = req.op_codes;
                             let cb = move |reply: Reply| {
                                 let bytes = encode_reply(&reply, op_codes.as_deref());
-                                let _ = tx.send(NetReply { slot, id, seq, bytes });
+                                let _ = tx.send(NetReply { slot, id, seq, bytes, row: false });
                                 if let Some(b) = bell {
                                     b.ring_if_sleeping();
                                 }
@@ -325,12 +385,12 @@ impl ShardNet {
                                 c.outstanding -= 1;
                                 c.slots.pop_back();
                                 NetStats::bump(&sh.stats.error_replies);
-                                c.slots.push_back(Some(encode_error(ResultCode::Namespace.code())));
+                                c.slots.push_back(Slot::done(encode_error(ResultCode::Namespace.code())));
                             }
                         }
                         Err(rc) => {
                             NetStats::bump(&sh.stats.error_replies);
-                            c.slots.push_back(Some(encode_error(rc.code())));
+                            c.slots.push_back(Slot::done(encode_error(rc.code())));
                         }
                     }
                 }
@@ -340,7 +400,7 @@ impl ShardNet {
                 }
                 MSG_TYPE_COMPRESSED => {
                     NetStats::bump(&sh.stats.error_replies);
-                    c.slots.push_back(Some(encode_error(ResultCode::UnsupportedFeature.code())));
+                    c.slots.push_back(Slot::done(encode_error(ResultCode::UnsupportedFeature.code())));
                 }
                 _ => {
                     result = Err(Close::Unsupported("security/admin messages (no authentication is configured)"));
@@ -360,16 +420,86 @@ impl ShardNet {
         result
     }
 
+    /// Run more rows of the connection's batch, and frame the rows that have finished.
+    fn pump_batch(&mut self, sh: &Shared, slot: u32, ctx: &mut HookCtx<'_>) {
+        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let backlog = c.out.len() - c.out_pos + c.slots.iter().map(|s| s.bytes.len()).sum::<usize>();
+        let Some(job) = c.batch.as_mut() else { return };
+        let BatchJob { body, cursor, seq, outstanding, all_submitted, rows } = job;
+        if !*all_submitted && *outstanding < BATCH_WINDOW && backlog < MAX_OUT_BACKLOG {
+            match BatchRows::resume(body, *cursor) {
+                Ok(mut it) => {
+                    while *outstanding < BATCH_WINDOW {
+                        let Some(Ok(row)) = it.next() else {
+                            // Validated before it started: the end of the rows.
+                            *all_submitted = true;
+                            break;
+                        };
+                        let index = row.index;
+                        let req = match row.req {
+                            Ok(r) => r,
+                            Err(rc) => {
+                                RespHeader { result_code: rc.code(), txn_ttl: index, ..Default::default() }.write(rows);
+                                continue;
+                            }
+                        };
+                        let tx = self.replies_tx.clone();
+                        let bell = self.doorbell.clone();
+                        let (id, seq) = (c.id, *seq);
+                        let codes = req.op_codes;
+                        let cb = move |reply: Reply| {
+                            let mut b = Vec::with_capacity(64);
+                            write_reply_msg(&mut b, &reply, codes.as_deref(), index, 0);
+                            let _ = tx.send(NetReply { slot, id, seq, bytes: b, row: true });
+                            if let Some(b) = bell {
+                                b.ring_if_sleeping();
+                            }
+                        };
+                        if req.namespace == self.namespace {
+                            ctx.submit(req.cmd, cb);
+                        } else if let Some(e) = sh.engine(req.namespace) {
+                            e.submit(req.cmd, cb);
+                        } else {
+                            let rc = ResultCode::Namespace.code();
+                            RespHeader { result_code: rc, txn_ttl: index, ..Default::default() }.write(rows);
+                            continue;
+                        }
+                        *outstanding += 1;
+                    }
+                    *cursor = it.cursor();
+                }
+                Err(_) => *all_submitted = true,
+            }
+        }
+        let i = (*seq - c.base_seq) as usize;
+        let out = &mut c.slots[i].bytes;
+        if !rows.is_empty() {
+            let start = begin_frame(out, MSG_TYPE_AS_MSG);
+            out.append(rows);
+            end_frame(out, start);
+        }
+        if *all_submitted && *outstanding == 0 {
+            out.extend_from_slice(&last_frame(ResultCode::Ok));
+            c.slots[i].done = true;
+            c.batch = None;
+            c.outstanding -= 1;
+        }
+    }
+
     /// Write a connection's finished responses, in order, as far as the socket takes them.
     fn flush(&mut self, sh: &Shared, slot: u32, ctx: &mut HookCtx<'_>) {
+        self.pump_batch(sh, slot, ctx);
         let Some(c) = self.conns[slot as usize].as_mut() else { return };
-        while matches!(c.slots.front(), Some(Some(_))) {
-            let b = c.slots.pop_front().flatten().expect("checked");
+        while let Some(front) = c.slots.front_mut() {
             if c.out_pos == c.out.len() {
                 c.out.clear();
                 c.out_pos = 0;
             }
-            c.out.extend_from_slice(&b);
+            c.out.append(&mut front.bytes);
+            if !front.done {
+                break;
+            }
+            c.slots.pop_front();
             c.base_seq += 1;
         }
         while c.out_pos < c.out.len() {
@@ -445,6 +575,7 @@ impl ShardNet {
             sh.stats.connections_current.fetch_sub(1, SeqCst);
             return;
         }
+        NetStats::bump(&sh.stats.connections_handed_over);
         let (sock, peer, inbuf) = (c.sock, c.peer, c.inbuf);
         let spawned = std::thread::Builder::new().name("conn".into()).stack_size(CONN_STACK_BYTES).spawn(move || {
             conn::serve(sock, peer, &shared, inbuf);
@@ -474,6 +605,8 @@ impl ShardNet {
             } else if !c.migrate
                 && !c.inbuf.is_empty()
                 && c.first_byte.is_some_and(|t| now.duration_since(t) > deadline)
+                // A request that arrived in full and waits its turn is not late.
+                && next_frame(&c.inbuf, sh.cfg.max_msg_bytes).ok().flatten().is_none()
             {
                 Some(Close::Deadline)
             } else if quiet && c.inbuf.is_empty() && stopping {
@@ -569,10 +702,17 @@ impl ShardHook for ShardNet {
             let Some(c) = self.conns.get_mut(r.slot as usize).and_then(Option::as_mut).filter(|c| c.id == r.id) else {
                 continue;
             };
-            let i = (r.seq - c.base_seq) as usize;
-            debug_assert!(c.slots[i].is_none(), "one reply per request");
-            c.slots[i] = Some(r.bytes);
-            c.outstanding -= 1;
+            if r.row {
+                if let Some(job) = c.batch.as_mut().filter(|j| j.seq == r.seq) {
+                    job.rows.extend_from_slice(&r.bytes);
+                    job.outstanding -= 1;
+                }
+            } else {
+                let i = (r.seq - c.base_seq) as usize;
+                debug_assert!(!c.slots[i].done, "one reply per request");
+                c.slots[i] = Slot::done(r.bytes);
+                c.outstanding -= 1;
+            }
             self.dirty.push(r.slot);
         }
         let mut dirty = std::mem::take(&mut self.dirty);
@@ -599,4 +739,31 @@ fn drain_eventfd(fd: RawFd) {
     unsafe {
         libc::read(fd, (&mut v as *mut u64).cast(), 8);
     }
+}
+
+/// A frame holding only a LAST message with `rc` (the whole answer to a failed batch, or
+/// the end of a good one).
+fn last_frame(rc: ResultCode) -> Vec<u8> {
+    let mut out = Vec::with_capacity(PROTO_HEADER_BYTES + 22);
+    let start = begin_frame(&mut out, MSG_TYPE_AS_MSG);
+    write_last_msg(&mut out, rc.code());
+    end_frame(&mut out, start);
+    out
+}
+
+/// Check a batch request and set up its execution, or say what is wrong with it.
+fn start_batch(sh: &Shared, m: &Msg<'_>, seq: u64) -> Result<BatchJob, ResultCode> {
+    if m.fields.iter().any(|f| field_unsupported(f.ftype) || f.ftype == FIELD_BATCH_WITH_SET) {
+        return Err(ResultCode::UnsupportedFeature);
+    }
+    let data = m.field(FIELD_BATCH_INDEX).ok_or(ResultCode::Parameter)?;
+    let cursor = match BatchRows::validate(data).and_then(|_| BatchRows::new(data)) {
+        Ok(rows) => rows.cursor(),
+        Err(e) => {
+            NetStats::bump(&sh.stats.frames_malformed);
+            tracing::debug!("malformed batch: {e}");
+            return Err(ResultCode::Parameter);
+        }
+    };
+    Ok(BatchJob { body: data.to_vec(), cursor, seq, outstanding: 0, all_submitted: false, rows: Vec::new() })
 }

@@ -7,6 +7,8 @@ pub struct NetStats {
     pub connections_current: AtomicUsize,
     pub connections_opened: AtomicU64,
     pub connections_refused: AtomicU64,
+    /// Connections the shard front-end handed to a thread (for an info or scan request).
+    pub connections_handed_over: AtomicU64,
     pub frames_malformed: AtomicU64,
     pub frames_too_large: AtomicU64,
     pub request_deadline_expired: AtomicU64,
@@ -29,6 +31,7 @@ impl NetStats {
             g("client_connections", self.connections_current.load(Relaxed) as u64),
             g("client_connections_opened", self.connections_opened.load(Relaxed)),
             g("client_connections_refused", self.connections_refused.load(Relaxed)),
+            g("client_connections_handed_over", self.connections_handed_over.load(Relaxed)),
             g("proto_malformed", self.frames_malformed.load(Relaxed)),
             g("proto_too_large", self.frames_too_large.load(Relaxed)),
             g("proto_request_deadline_expired", self.request_deadline_expired.load(Relaxed)),

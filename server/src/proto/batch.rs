@@ -25,7 +25,18 @@ pub struct BatchRows<'a> {
     r: Reader<'a>,
     left: u32,
     prev: Option<Result<SingleRequest<'a>, ResultCode>>,
+    /// Where the row `prev` came from starts (REPEAT rows copy it).
+    prev_at: Option<usize>,
     failed: bool,
+}
+
+/// Where an iteration over a batch's rows stands, to go on later over the same bytes
+/// without holding a borrow of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchCursor {
+    pos: usize,
+    left: u32,
+    prev_at: Option<usize>,
 }
 
 impl<'a> BatchRows<'a> {
@@ -33,7 +44,26 @@ impl<'a> BatchRows<'a> {
         let mut r = Reader::new(data);
         let left = r.u32("batch row count")?;
         let _parent_flags = r.u8("batch flags")?;
-        Ok(BatchRows { r, left, prev: None, failed: false })
+        Ok(BatchRows { r, left, prev: None, prev_at: None, failed: false })
+    }
+
+    /// Where this iteration stands.
+    pub fn cursor(&self) -> BatchCursor {
+        BatchCursor { pos: self.r.position(), left: self.left, prev_at: self.prev_at }
+    }
+
+    /// Go on from `cursor` over the same `data` it was taken from.
+    pub fn resume(data: &'a [u8], cursor: BatchCursor) -> Result<BatchRows<'a>, ProtocolError> {
+        let mut rows =
+            BatchRows { r: Reader::at(data, cursor.pos), left: cursor.left, prev: None, prev_at: None, failed: false };
+        if let Some(at) = cursor.prev_at {
+            // Decode the row REPEAT rows refer to again (it is a full row).
+            let mut again = BatchRows { r: Reader::at(data, at), left: 1, prev: None, prev_at: None, failed: false };
+            again.row()?;
+            rows.prev = again.prev;
+            rows.prev_at = Some(at);
+        }
+        Ok(rows)
     }
 
     /// Rows still to come, as the client announced them.
@@ -57,6 +87,7 @@ impl<'a> BatchRows<'a> {
     }
 
     fn row(&mut self) -> Result<BatchRow<'a>, ProtocolError> {
+        let start = self.r.position();
         let index = self.r.u32("batch row index")?;
         let digest = Digest(self.r.bytes(20, "batch row digest")?.try_into().expect("20 bytes"));
         let flags = self.r.u8("batch row flags")?;
@@ -80,6 +111,7 @@ impl<'a> BatchRows<'a> {
         let f = Flags { info1, info2, info3, info4, generation, record_ttl };
         let req = single(&f, &fields, &ops, Some(digest));
         self.prev = Some(req.clone());
+        self.prev_at = Some(start);
         Ok(BatchRow { index, req })
     }
 }
@@ -139,6 +171,19 @@ mod tests {
             assert_eq!(r.namespace, "test");
             assert!(r.cmd.read_all);
             assert_eq!(r.cmd.digest.0, [i as u8 + 1; 20]);
+        }
+    }
+
+    #[test]
+    fn resuming_at_every_row_gives_the_same_rows() {
+        let b = python_batch();
+        let all: Vec<_> = BatchRows::new(&b).unwrap().map(Result::unwrap).collect();
+        for stop in 0..=all.len() {
+            let mut first = BatchRows::new(&b).unwrap();
+            let mut got: Vec<_> = (&mut first).take(stop).map(Result::unwrap).collect();
+            let cursor = first.cursor();
+            got.extend(BatchRows::resume(&b, cursor).unwrap().map(Result::unwrap));
+            assert_eq!(got, all, "resumed after {stop} rows");
         }
     }
 

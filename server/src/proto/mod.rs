@@ -50,6 +50,16 @@ impl<'a> Reader<'a> {
         self.buf.len() - self.pos
     }
 
+    /// Bytes read so far.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// A reader over `buf` starting at `pos` (clamped to its end).
+    pub fn at(buf: &'a [u8], pos: usize) -> Reader<'a> {
+        Reader { buf, pos: pos.min(buf.len()) }
+    }
+
     pub fn bytes(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], ProtocolError> {
         if self.remaining() < n {
             return Err(ProtocolError::Truncated { what, need: n, have: self.remaining() });
