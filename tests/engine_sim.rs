@@ -385,3 +385,30 @@ fn partition_scan_pages() {
     }
     assert_eq!(total, 3000);
 }
+
+#[test]
+fn a_shard_failing_at_start_up_fails_the_open_without_hanging() {
+    common::init_logs();
+    let disks = disks(1, 16 << 20);
+    let e = open(&disks, cfg(2));
+    let d = common::digest_of(1).0;
+    assert!(e.execute(Command::put(d, "demo", vec![Bin::new("a", Value::Int(1))])).is_ok());
+    e.shutdown().unwrap();
+    drop(e);
+    // Write block 1 belongs to shard 0: its cold-start read fails, shard 1's do not.
+    let wb = cfg(2).wblock_bytes as u64;
+    disks[0].set_faults(SimFaults { eio_ranges: vec![(wb, 2 * wb)], ..Default::default() });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let d2 = disks.clone();
+    std::thread::spawn(move || {
+        let r = Engine::open(cfg(2), Arc::new(SimDevices::new(d2, 4096))).map(|_| ());
+        let _ = tx.send(r.map_err(|e| e.to_string()));
+    });
+    let r = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("Engine::open hung after a shard failed");
+    let err = r.expect_err("a failed cold-start read must fail the open");
+    assert!(err.contains("shard 0"), "{err}");
+    disks[0].clear_faults();
+    let e = open(&disks, cfg(2));
+    assert!(e.execute(Command::get(d)).is_ok());
+    e.shutdown().unwrap();
+}

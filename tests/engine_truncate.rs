@@ -204,3 +204,21 @@ fn truncate_now_covers_writes_of_the_same_millisecond_and_spares_later_ones() {
     assert_eq!(found(&e, "x", 1019..1020), 1, "the write after the last truncate is lost after a restart");
     e.shutdown().unwrap();
 }
+
+#[test]
+fn a_write_right_after_truncating_a_set_never_written_survives_a_restart() {
+    let (disk, e) = start();
+    for r in 0..20 {
+        let set = format!("new{r}");
+        e.truncate(Some(&set), None).unwrap();
+        put(&e, &set, r);
+    }
+    e.flush();
+    e.crash();
+    drop(e);
+    let e = open(&disk);
+    for r in 0..20 {
+        assert_eq!(found(&e, &format!("new{r}"), r..r + 1), 1, "the write after truncating new{r} was lost");
+    }
+    e.shutdown().unwrap();
+}

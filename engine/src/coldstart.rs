@@ -18,6 +18,7 @@ use crate::format::{
 use crate::index::{lut_mask, seq_mask, Index, IndexEntry, Loc};
 use crate::io::{IoBackend, IoOp, IoRequest};
 use crate::shared::{truncate_cutoff, Shared};
+use crate::types::N_PARTITIONS;
 
 /// What one wblock holds.
 #[derive(Debug, Default)]
@@ -112,6 +113,29 @@ pub(crate) fn keep_newest(index: &mut Index, e: IndexEntry) {
     }
 }
 
+/// Remove the entries of `shard`'s partitions that a persisted truncate covers; returns how
+/// many.
+pub(crate) fn drop_truncated(index: &mut Index, shared: &Shared, shard: usize) -> u64 {
+    let table = shared.truncates.read().expect("truncates lock").clone();
+    if table.is_empty() {
+        return 0;
+    }
+    let cutoffs: Vec<u64> = shared.sets.names().iter().map(|n| lut_mask(truncate_cutoff(&table, n))).collect();
+    let mut dropped = 0;
+    for pid in (shard..N_PARTITIONS).step_by(shared.n_shards) {
+        let doomed: Vec<_> = index
+            .partition_entries(pid as u16)
+            .into_iter()
+            .filter(|e| e.last_update_ms < cutoffs.get(e.set_id as usize).copied().unwrap_or(0))
+            .collect();
+        for e in doomed {
+            index.remove(&e.digest);
+            dropped += 1;
+        }
+    }
+    dropped
+}
+
 /// Scan this shard's wblocks on every device.
 pub(crate) fn scan_slice(io: &mut dyn IoBackend, shared: &Shared, shard: usize) -> Result<SliceScan, DeviceError> {
     let wb = shared.wblock_bytes();
@@ -134,9 +158,8 @@ pub(crate) fn scan_slice(io: &mut dyn IoBackend, shared: &Shared, shard: usize) 
     let mut done_bytes = 0u64;
     let mut spare: Vec<crate::io::AlignedBuf> = Vec::new();
     let mut comps = Vec::new();
-    let truncates = shared.truncates.read().expect("truncates lock").clone();
-    // Set name → (set id, truncate cutoff), so each record costs one map lookup.
-    let mut sets: std::collections::HashMap<Vec<u8>, (u16, u64)> = std::collections::HashMap::new();
+    // Set name → set id, so each record costs one map lookup.
+    let mut sets: std::collections::HashMap<Vec<u8>, u16> = std::collections::HashMap::new();
     while next < todo.len() || io.in_flight() > 0 {
         while next < todo.len() && io.in_flight() < qd {
             let (d, w) = todo[next];
@@ -161,8 +184,8 @@ pub(crate) fn scan_slice(io: &mut dyn IoBackend, shared: &Shared, shard: usize) 
             for (meta, off, plen, has_key) in scan.records {
                 max_seq = max_seq.max(meta.seq);
                 let set = record_set(&buf[off as usize..]);
-                let (set_id, cutoff) = match sets.get(set) {
-                    Some(&v) => v,
+                let set_id = match sets.get(set) {
+                    Some(&id) => id,
                     None => {
                         let name = String::from_utf8_lossy(set).into_owned();
                         let id = shared.sets.intern(&name).unwrap_or_else(|| {
@@ -172,15 +195,13 @@ pub(crate) fn scan_slice(io: &mut dyn IoBackend, shared: &Shared, shard: usize) 
                             );
                             0
                         });
-                        let v = (id, truncate_cutoff(&truncates, &name));
-                        sets.insert(set.to_vec(), v);
-                        v
+                        sets.insert(set.to_vec(), id);
+                        id
                     }
                 };
-                if meta.last_update_ms < cutoff {
-                    stats.cold_truncated.fetch_add(1, Relaxed);
-                    continue;
-                }
+                // Truncates are applied once the newest copy of each digest is known
+                // (`drop_truncated`): filtering copies here could let an older copy stand in
+                // for a truncated newer one.
                 keep_newest(
                     &mut index,
                     IndexEntry {

@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
 use crate::api::{Command, Reply, ScanPage};
-use crate::coldstart::{keep_newest, scan_slice};
+use crate::coldstart::{drop_truncated, keep_newest, scan_slice};
 use crate::config::EngineConfig;
 use crate::error::{DeviceError, EngineError};
 use crate::format::{DeviceHeader, TruncateEntry, HEADER_COPY_STRIDE, HEADER_FLAG_CLEAN};
@@ -196,6 +196,12 @@ impl Engine {
         }
         if !errors.is_empty() {
             self.stopped.store(true, Relaxed);
+            // Every shard holds senders to every channel (its peers'), so the shards that did
+            // start never see their channel close: tell them to leave.
+            for (tx, bell) in self.senders.iter().zip(&self.doorbells) {
+                let _ = tx.try_send(Msg::Abort(Box::new(|| {})));
+                bell.ring();
+            }
             self.senders.clear();
             for t in self.threads.lock().expect("threads lock").drain(..) {
                 let _ = t.join();
@@ -238,6 +244,22 @@ impl Engine {
         if let Err(m) = self.send(shard, Msg::Cmd(cmd, Box::new(cb))) {
             if let Msg::Cmd(_, cb) = *m {
                 cb(Reply::error(ResultCode::ServerError));
+            }
+        }
+    }
+
+    /// [`Engine::submit`] that never blocks: when the shard's channel is full, `cb` gets
+    /// DEVICE_OVERLOAD (18) at once. For code that must not wait, such as another engine's
+    /// shard loop.
+    pub fn try_submit(&self, cmd: Command, cb: impl FnOnce(Reply) + Send + 'static) {
+        let shard = self.shard_of(&cmd.digest);
+        match self.senders[shard].try_send(Msg::Cmd(cmd, Box::new(cb))) {
+            Ok(()) => self.doorbells[shard].ring_if_sleeping(),
+            Err(e) => {
+                let rc = if e.is_full() { ResultCode::DeviceOverload } else { ResultCode::ServerError };
+                if let Msg::Cmd(_, cb) = e.into_inner() {
+                    cb(Reply::error(rc));
+                }
             }
         }
     }
@@ -337,20 +359,22 @@ impl Engine {
             if !DeviceHeader::truncates_fit(&table) {
                 return Err(TruncateError::TableFull);
             }
+            // New header images are swapped in only when every device took them: a failed
+            // truncate is not written again by a later header write (it may still have
+            // reached some devices, and then applies after a crash and restart).
+            let mut updated = headers.clone();
             let mut io = self.devices.open_backend(None, 0, 0).map_err(|e| TruncateError::Device(e.to_string()))?;
-            for (d, h) in headers.iter_mut().enumerate() {
+            for (d, h) in updated.iter_mut().enumerate() {
                 h.truncates = table.clone();
                 write_header(io.as_mut(), d as u32, h).map_err(|e| TruncateError::Device(e.to_string()))?;
             }
+            *headers = updated;
             *self.shared.truncates.write().expect("truncates lock") = table;
         }
-        let set_id = match set {
-            None => None,
-            Some(s) => match self.shared.sets.id(s) {
-                Some(id) => Some(id),
-                None => return Ok(before),
-            },
-        };
+        // Number the set even when nothing of it was seen yet, so a first write of it racing
+        // with this truncate is covered too. Every shard hears of the truncate either way:
+        // it must stamp later writes at or after the cutoff.
+        let set_id = set.map(|s| self.shared.sets.intern(s).unwrap_or(crate::shard::NO_SET_MATCHES));
         self.broadcast(|done| Msg::Truncate { set_id, before_ms: before, done });
         tracing::info!(
             "namespace {}: truncated {} (records last updated before {before} ms)",
@@ -481,6 +505,8 @@ fn shard_main(
             }
         }
     }
+    let truncated = drop_truncated(&mut index, &shared, id);
+    shared.stats[id].cold_truncated.store(truncated, Relaxed);
     for pid in (id..crate::types::N_PARTITIONS).step_by(n) {
         for e in index.partition_entries(pid as u16) {
             let w = (e.loc.offset / shared.wblock_bytes()) as u32;
@@ -512,7 +538,10 @@ pub enum TruncateError {
     BadSet(String),
     #[error("too many truncated sets: the device header's truncate table is full")]
     TableFull,
-    #[error("writing the truncate to the device headers failed: {0}")]
+    #[error(
+        "writing the truncate to the device headers failed: {0}; nothing was removed now, but \
+         devices written before the failure hold it and apply it after a restart"
+    )]
     Device(String),
     #[error("the namespace is shutting down")]
     Stopped,

@@ -42,6 +42,9 @@ pub(crate) type Callback = Box<dyn FnOnce(Reply) + Send>;
 pub(crate) type ScanCallback = Box<dyn FnOnce(ScanPage) + Send>;
 pub(crate) type Done = Box<dyn FnOnce() + Send>;
 
+/// A set id no record has (set ids stop at `MAX_SETS`): a truncate that matches nothing.
+pub(crate) const NO_SET_MATCHES: u16 = u16::MAX;
+
 /// Another shard's channel and doorbell.
 pub(crate) type Peer = (Sender<Msg>, Arc<Doorbell>);
 
@@ -76,8 +79,9 @@ pub(crate) enum Msg {
     Abort(Done),
     /// Publish up-to-date statistics, then call back.
     Stats(Done),
-    /// Drop every entry of the set (all sets when `None`) last updated before `before_ms`
-    /// (the truncate is already persisted in the device headers), then call back.
+    /// Drop every entry of the set (all sets when `None`; none for `NO_SET_MATCHES`) last
+    /// updated before `before_ms` (the truncate is already persisted in the device headers),
+    /// raise the floor of later writes' last-update times to it, then call back.
     Truncate {
         set_id: Option<u16>,
         before_ms: u64,
@@ -359,6 +363,16 @@ impl Shard {
                         }
                     }
                 }
+            } else {
+                // Stopping: nothing new is executed (it could not be made durable before the
+                // devices are marked clean), but nobody is left without an answer.
+                while let Ok(m) = self.rx.try_recv() {
+                    did += 1;
+                    self.refuse(m);
+                    if self.aborted {
+                        return;
+                    }
+                }
             }
             let woke = self.io.reap(&mut comps);
             did += comps.len() + woke as usize;
@@ -383,7 +397,14 @@ impl Shard {
                     && self.reads.is_empty()
                     && self.defrag.reads.is_empty()
                 {
-                    if self.writes_since_fsync.iter().any(|&b| b) {
+                    if self.open.iter().flatten().any(|o| o.pos > o.flushed) {
+                        // Commands whose reads were in flight when the stop began have
+                        // written since: flush them too.
+                        for s in 0..self.open.len() {
+                            self.flush(s, true);
+                        }
+                        self.stopping = Some(done);
+                    } else if self.writes_since_fsync.iter().any(|&b| b) {
                         self.fsync_all();
                         self.stopping = Some(done);
                     } else {
@@ -468,6 +489,30 @@ impl Shard {
                 self.aborted = true;
                 done();
             }
+        }
+    }
+
+    /// Answer a message that arrives while the shard stops, without executing it.
+    fn refuse(&mut self, m: Msg) {
+        match m {
+            Msg::Cmd(_, cb) => cb(Reply::error(ResultCode::ServerError)),
+            Msg::Cmds(cmds) => {
+                for (_, cb) in cmds {
+                    cb(Reply::error(ResultCode::ServerError));
+                }
+            }
+            Msg::Scan { cb, .. } => cb(ScanPage { result: ResultCode::ServerError, records: Vec::new(), done: true }),
+            Msg::Abort(done) => {
+                self.aborted = true;
+                done();
+            }
+            Msg::Stats(done) => {
+                self.publish_stats();
+                done();
+            }
+            // The stop in progress flushes and fsyncs everything; a truncate is refused by the
+            // engine once it is stopping.
+            Msg::Flush(done) | Msg::Stop(done) | Msg::Truncate { done, .. } => done(),
         }
     }
 
@@ -664,6 +709,10 @@ impl Shard {
 
     /// A command from this shard's hook: run here, or queue it for its owner.
     pub(crate) fn submit_from_hook(&mut self, cmd: Command, cb: Callback) {
+        if self.stopping.is_some() {
+            cb(Reply::error(ResultCode::ServerError));
+            return;
+        }
         let owner = self.shared.shard_of_partition(cmd.digest.partition());
         if owner == self.id {
             self.submit_cmd(cmd, cb);

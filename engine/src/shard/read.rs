@@ -59,10 +59,14 @@ impl Shard {
         }
         match p.for_ {
             ReadFor::Cmd(cmd, cb) => match res {
-                Ok(body) => {
+                Ok(body) if self.index.get(&cmd.digest).map(|n| n.loc) == Some(p.entry.loc) => {
                     let cur = current_of(body);
                     self.finish(cmd, cb, Some(cur));
                 }
+                // The version read is no longer the indexed one (moved by defrag, or gone with
+                // a truncate or expiry while the read was in flight): start over from the
+                // index rather than act on what it was.
+                Ok(_) => self.start_cmd(cmd, cb),
                 Err(err) => {
                     let digest = cmd.digest;
                     let moved = self.index.get(&digest).map(|n| n.loc) != Some(p.entry.loc);

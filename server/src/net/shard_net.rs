@@ -379,7 +379,7 @@ impl ShardNet {
                             if req.namespace == self.namespace {
                                 ctx.submit(req.cmd, cb);
                             } else if let Some(e) = sh.engine(req.namespace) {
-                                e.submit(req.cmd, cb);
+                                e.try_submit(req.cmd, cb);
                             } else {
                                 // Not executed after all: answer in place.
                                 c.outstanding -= 1;
@@ -458,7 +458,7 @@ impl ShardNet {
                         if req.namespace == self.namespace {
                             ctx.submit(req.cmd, cb);
                         } else if let Some(e) = sh.engine(req.namespace) {
-                            e.submit(req.cmd, cb);
+                            e.try_submit(req.cmd, cb);
                         } else {
                             let rc = ResultCode::Namespace.code();
                             RespHeader { result_code: rc, txn_ttl: index, ..Default::default() }.write(rows);
@@ -551,7 +551,7 @@ impl ShardNet {
             return;
         }
         let mut want = 0u32;
-        if !c.eof && !throttled(c, sh, ctx) {
+        if !c.eof && !held(c, sh) {
             want |= libc::EPOLLIN as u32;
         }
         if c.out_pos < c.out.len() {
@@ -629,10 +629,15 @@ impl ShardNet {
 
 /// Whether a connection's requests should not be read for now.
 fn throttled(c: &NetConn, sh: &Shared, ctx: &HookCtx<'_>) -> bool {
-    c.migrate
-        || c.outstanding >= sh.cfg.max_inflight
-        || c.out.len() - c.out_pos > MAX_OUT_BACKLOG
-        || ctx.forward_backlog() > MAX_FORWARD_BACKLOG
+    held(c, sh) || ctx.forward_backlog() > MAX_FORWARD_BACKLOG
+}
+
+/// The part of [`throttled`] that only this connection's own progress ends (its replies
+/// arriving, its output draining), so it may switch off the connection's EPOLLIN. The
+/// shard-wide forward backlog clears at the end of the turn without any event on the
+/// connection: a connection parked for it alone would never be woken again.
+fn held(c: &NetConn, sh: &Shared) -> bool {
+    c.migrate || c.outstanding >= sh.cfg.max_inflight || c.out.len() - c.out_pos > MAX_OUT_BACKLOG
 }
 
 impl ShardHook for ShardNet {
