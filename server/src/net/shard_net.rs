@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use ferrospike_engine::hook::{HookCtx, ShardHook};
 use ferrospike_engine::io::Doorbell;
-use ferrospike_engine::{Reply, ResultCode};
+use ferrospike_engine::{Command, Reply, ResultCode};
 
 use super::conn::{self, log_close, next_frame, read_window, Close, BATCH_WINDOW, KEEP_BUF_BYTES, WRITE_TIMEOUT};
 use super::{NetStats, Shared, CONN_STACK_BYTES};
@@ -365,22 +365,11 @@ impl ShardNet {
                             let seq = c.base_seq + c.slots.len() as u64;
                             c.slots.push_back(Slot::pending());
                             c.outstanding += 1;
-                            let tx = self.replies_tx.clone();
-                            let bell = self.doorbell.clone();
-                            let id = c.id;
                             let op_codes = req.op_codes;
-                            let cb = move |reply: Reply| {
-                                let bytes = encode_reply(&reply, op_codes.as_deref());
-                                let _ = tx.send(NetReply { slot, id, seq, bytes, row: false });
-                                if let Some(b) = bell {
-                                    b.ring_if_sleeping();
-                                }
-                            };
-                            if req.namespace == self.namespace {
-                                ctx.submit(req.cmd, cb);
-                            } else if let Some(e) = sh.engine(req.namespace) {
-                                e.try_submit(req.cmd, cb);
-                            } else {
+                            let back =
+                                Back { tx: &self.replies_tx, bell: &self.doorbell, slot, id: c.id, seq, row: false };
+                            let encode = move |r: &Reply| encode_reply(r, op_codes.as_deref());
+                            if !dispatch(sh, ctx, &self.namespace, req.namespace, req.cmd, back, encode) {
                                 // Not executed after all: answer in place.
                                 c.outstanding -= 1;
                                 c.slots.pop_back();
@@ -443,23 +432,15 @@ impl ShardNet {
                                 continue;
                             }
                         };
-                        let tx = self.replies_tx.clone();
-                        let bell = self.doorbell.clone();
-                        let (id, seq) = (c.id, *seq);
                         let codes = req.op_codes;
-                        let cb = move |reply: Reply| {
+                        let back =
+                            Back { tx: &self.replies_tx, bell: &self.doorbell, slot, id: c.id, seq: *seq, row: true };
+                        let encode = move |r: &Reply| {
                             let mut b = Vec::with_capacity(64);
-                            write_reply_msg(&mut b, &reply, codes.as_deref(), index, 0);
-                            let _ = tx.send(NetReply { slot, id, seq, bytes: b, row: true });
-                            if let Some(b) = bell {
-                                b.ring_if_sleeping();
-                            }
+                            write_reply_msg(&mut b, r, codes.as_deref(), index, 0);
+                            b
                         };
-                        if req.namespace == self.namespace {
-                            ctx.submit(req.cmd, cb);
-                        } else if let Some(e) = sh.engine(req.namespace) {
-                            e.try_submit(req.cmd, cb);
-                        } else {
+                        if !dispatch(sh, ctx, &self.namespace, req.namespace, req.cmd, back, encode) {
                             let rc = ResultCode::Namespace.code();
                             RespHeader { result_code: rc, txn_ttl: index, ..Default::default() }.write(rows);
                             continue;
@@ -625,6 +606,46 @@ impl ShardNet {
             }
         }
     }
+}
+
+/// Where a command's answer goes back to.
+struct Back<'a> {
+    tx: &'a Sender<NetReply>,
+    bell: &'a Option<Arc<Doorbell>>,
+    slot: u32,
+    id: u64,
+    seq: u64,
+    row: bool,
+}
+
+/// Run `cmd` on the engine of `namespace` (this shard's engine, through `ctx`, or another
+/// namespace's without waiting); its answer, encoded by `encode`, comes back as a
+/// [`NetReply`]. False when the namespace does not exist (nothing was run).
+fn dispatch(
+    sh: &Shared,
+    ctx: &mut HookCtx<'_>,
+    mine: &str,
+    namespace: &str,
+    cmd: Command,
+    back: Back<'_>,
+    encode: impl FnOnce(&Reply) -> Vec<u8> + Send + 'static,
+) -> bool {
+    let (tx, bell) = (back.tx.clone(), back.bell.clone());
+    let Back { slot, id, seq, row, .. } = back;
+    let cb = move |reply: Reply| {
+        let _ = tx.send(NetReply { slot, id, seq, bytes: encode(&reply), row });
+        if let Some(b) = bell {
+            b.ring_if_sleeping();
+        }
+    };
+    if namespace == mine {
+        ctx.submit(cmd, cb);
+    } else if let Some(e) = sh.engine(namespace) {
+        e.try_submit(cmd, cb);
+    } else {
+        return false;
+    }
+    true
 }
 
 /// Whether a connection's requests should not be read for now.
