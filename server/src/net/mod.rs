@@ -1,12 +1,16 @@
 //! The network front-end.
 //!
-//! First landing, std-based: one acceptor thread and one thread per connection (bounded by
-//! `max-connections`, small stacks). A connection thread reads whole frames into a buffer
-//! that grows only as bytes arrive, decodes every complete frame, submits single-record
-//! commands to the owning engine shard (`Engine::submit`, up to `max-inflight` at once, so
-//! pipelined requests overlap) and writes the responses back in request order. Batches and
-//! scans stream their responses. The target design (networking inside the shards' io_uring
-//! loops) needs an engine hook; see the server's report.
+//! One acceptor thread takes connections (refusing them beyond `max-connections`) and, with
+//! `front-end = "shards"` (the default), hands each to a shard's [`shard_net::ShardNet`] in
+//! turn: the connection is then served inside that shard's loop (see `shard_net.rs`). Info
+//! and scan requests, which wait on the whole engine, move their connection to a thread of
+//! its own running `conn.rs`.
+//!
+//! `conn.rs` is the blocking front-end, and with `front-end = "threads"` every connection
+//! gets one: a thread reads whole frames into a buffer that grows only as bytes arrive,
+//! decodes every complete frame, submits single-record commands to the owning shard
+//! (`Engine::submit`, up to `max-inflight` at once, so pipelined requests overlap) and writes
+//! the responses back in request order; batches and scans stream their responses.
 
 mod conn;
 mod shard_net;
