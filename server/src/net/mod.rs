@@ -1,7 +1,7 @@
 //! The network front-end.
 //!
 //! One acceptor thread takes connections (refusing them beyond `max-connections`) and, with
-//! `front-end = "shards"` (the default), hands each to a shard's [`shard_net::ShardNet`] in
+//! `front-end = "shards"` (the default), hands each to a shard's `ShardNet` in
 //! turn: the connection is then served inside that shard's loop (see `shard_net.rs`). Info
 //! and scan requests, which wait on the whole engine, move their connection to a thread of
 //! its own running `conn.rs`.
