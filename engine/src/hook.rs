@@ -15,9 +15,10 @@
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use crate::api::{Command, Reply};
+use crate::api::{Command, Reply, ScanPage};
 use crate::io::Doorbell;
 use crate::shard::Shard;
+use crate::types::{Digest, ResultCode};
 
 /// Code run by one shard's loop. Everything here runs on the shard thread and must never
 /// block: no waiting on the engine (`Engine::execute`, `stats`, `scan_partition`, ...).
@@ -58,6 +59,29 @@ impl HookCtx<'_> {
     /// thread (at once, possibly before `submit` returns, when it is this shard).
     pub fn submit(&mut self, cmd: Command, cb: impl FnOnce(Reply) + Send + 'static) {
         self.shard.submit_from_hook(cmd, Box::new(cb));
+    }
+
+    /// Up to `max` live records of partition `pid` after `after` (only of `set` when
+    /// given), from the shard that owns the partition; `cb` gets the page on that shard's
+    /// thread. Like [`crate::Engine::scan_partition`], without waiting.
+    pub fn scan(
+        &mut self,
+        pid: u16,
+        set: Option<&str>,
+        after: Option<Digest>,
+        max: usize,
+        with_bins: bool,
+        cb: impl FnOnce(ScanPage) + Send + 'static,
+    ) {
+        let set = match set {
+            None => None,
+            Some(name) => match self.shard.set_id_of(name) {
+                Some(id) => Some(id),
+                // No record of this set was ever seen: nothing to scan.
+                None => return cb(ScanPage { result: ResultCode::Ok, records: Vec::new(), done: true }),
+            },
+        };
+        self.shard.scan_from_hook(pid, set, after, max, with_bins, Box::new(cb));
     }
 
     /// Commands waiting for room in another shard's channel. A hook should stop taking new

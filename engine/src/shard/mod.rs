@@ -60,8 +60,8 @@ pub(crate) struct ShardLinks {
 /// Messages a shard accepts.
 pub(crate) enum Msg {
     Cmd(Command, Callback),
-    /// Commands handed over by another shard's hook, in arrival order.
-    Cmds(Vec<(Command, Callback)>),
+    /// Messages (commands, scan pages) handed over by another shard's hook, in order.
+    Many(Vec<Msg>),
     Scan {
         pid: u16,
         /// Only records of this set id.
@@ -220,7 +220,7 @@ pub(crate) struct Shard {
     peers: Arc<Vec<Peer>>,
     hook: Option<Box<dyn crate::hook::ShardHook>>,
     /// Commands from the hook for other shards, per destination, not yet handed over.
-    forward: Vec<Vec<(Command, Callback)>>,
+    forward: Vec<Vec<Msg>>,
     /// The latest truncate cutoff this shard applied: every later write gets a last-update
     /// time at least this, so no write made after a truncate falls under it (even if the
     /// wall clock steps back).
@@ -459,9 +459,9 @@ impl Shard {
     fn handle(&mut self, m: Msg) {
         match m {
             Msg::Cmd(cmd, cb) => self.submit_cmd(cmd, cb),
-            Msg::Cmds(cmds) => {
-                for (cmd, cb) in cmds {
-                    self.submit_cmd(cmd, cb);
+            Msg::Many(msgs) => {
+                for m in msgs {
+                    self.handle(m);
                 }
             }
             Msg::Scan { pid, set, after, max, with_bins, cb } => self.start_scan(pid, set, after, max, with_bins, cb),
@@ -496,9 +496,9 @@ impl Shard {
     fn refuse(&mut self, m: Msg) {
         match m {
             Msg::Cmd(_, cb) => cb(Reply::error(ResultCode::ServerError)),
-            Msg::Cmds(cmds) => {
-                for (_, cb) in cmds {
-                    cb(Reply::error(ResultCode::ServerError));
+            Msg::Many(msgs) => {
+                for m in msgs {
+                    self.refuse(m);
                 }
             }
             Msg::Scan { cb, .. } => cb(ScanPage { result: ResultCode::ServerError, records: Vec::new(), done: true }),
@@ -717,7 +717,7 @@ impl Shard {
         if owner == self.id {
             self.submit_cmd(cmd, cb);
         } else {
-            self.forward[owner].push((cmd, cb));
+            self.forward[owner].push(Msg::Cmd(cmd, cb));
         }
     }
 
@@ -729,7 +729,34 @@ impl Shard {
         self.forward.iter().map(Vec::len).sum()
     }
 
-    /// Hand each destination its queued commands in one message, without blocking: a full
+    /// A scan page for the hook: run here, or queue it for the partition's owner.
+    pub(crate) fn scan_from_hook(
+        &mut self,
+        pid: u16,
+        set: Option<u16>,
+        after: Option<Digest>,
+        max: usize,
+        with_bins: bool,
+        cb: ScanCallback,
+    ) {
+        let pid = pid & 0x0fff;
+        if self.stopping.is_some() {
+            cb(ScanPage { result: ResultCode::ServerError, records: Vec::new(), done: true });
+            return;
+        }
+        let owner = self.shared.shard_of_partition(pid);
+        if owner == self.id {
+            self.start_scan(pid, set, after, max, with_bins, cb);
+        } else {
+            self.forward[owner].push(Msg::Scan { pid, set, after, max, with_bins, cb });
+        }
+    }
+
+    pub(crate) fn set_id_of(&self, name: &str) -> Option<u16> {
+        self.shared.sets.id(name)
+    }
+
+    /// Hand each destination its queued messages in one message, without blocking: a full
     /// channel keeps them for the next turn.
     fn hand_over_forwards(&mut self) {
         for dest in 0..self.forward.len() {
@@ -738,18 +765,14 @@ impl Shard {
             }
             let batch = std::mem::take(&mut self.forward[dest]);
             let (tx, bell) = &self.peers[dest];
-            match tx.try_send(Msg::Cmds(batch)) {
+            match tx.try_send(Msg::Many(batch)) {
                 Ok(()) => bell.ring_if_sleeping(),
-                Err(TrySendError::Full(Msg::Cmds(batch))) => {
+                Err(TrySendError::Full(Msg::Many(batch))) => {
                     self.forward[dest] = batch;
                     bell.ring_if_sleeping();
                 }
-                Err(TrySendError::Disconnected(Msg::Cmds(batch))) => {
-                    for (_, cb) in batch {
-                        cb(Reply::error(ResultCode::ServerError));
-                    }
-                }
-                Err(_) => unreachable!("the message sent was Cmds"),
+                Err(TrySendError::Disconnected(m)) => self.refuse(m),
+                Err(_) => unreachable!("the message sent was Many"),
             }
         }
     }

@@ -35,7 +35,7 @@ const STREAM_FRAME_BYTES: usize = 256 << 10;
 /// Batch rows executing at once.
 pub(super) const BATCH_WINDOW: usize = 128;
 /// Records asked of the engine per scan page.
-const SCAN_PAGE: usize = 256;
+pub(super) const SCAN_PAGE: usize = 256;
 /// A read buffer above this capacity is shrunk when it empties.
 pub(super) const KEEP_BUF_BYTES: usize = 1 << 20;
 

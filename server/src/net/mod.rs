@@ -3,8 +3,8 @@
 //! One acceptor thread takes connections (refusing them beyond `max-connections`) and, with
 //! `front-end = "shards"` (the default), hands each to a shard's `ShardNet` in
 //! turn: the connection is then served inside that shard's loop (see `shard_net.rs`). Info
-//! and scan requests, which wait on the whole engine, move their connection to a thread of
-//! its own running `conn.rs`.
+//! requests, which may wait on the whole engine, move their connection to a thread of its
+//! own running `conn.rs`.
 //!
 //! `conn.rs` is the blocking front-end, and with `front-end = "threads"` every connection
 //! gets one: a thread reads whole frames into a buffer that grows only as bytes arrive,

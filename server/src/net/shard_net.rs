@@ -10,14 +10,16 @@
 //! channel (with the doorbell rung when they come from another shard) and are written in
 //! request order; at most `max-inflight` commands per connection execute at once.
 //!
-//! Batch requests run here too: their rows are submitted like single commands, at most
-//! `BATCH_WINDOW` at once per batch, and the finished rows are framed and written as they
-//! come (a batch's response is streamed while it is the oldest one pending).
+//! Batch requests and scans run here too: a batch's rows are submitted like single
+//! commands, at most `BATCH_WINDOW` at once per batch; a scan asks the owning shards for one
+//! page of one partition at a time. Finished rows and records are framed and written as they
+//! come (a response is streamed while it is the oldest one pending).
 //!
-//! Info and scan requests wait on the whole engine, which a shard thread must never do, so a
-//! connection that sends one is handed, with its unread bytes, to a thread of its own
-//! running the blocking front-end (`conn.rs`) once its in-flight replies are written. (The
-//! clients send info on their own tend connections; data connections stay on the shards.)
+//! Info requests (some wait on the whole engine, which a shard thread must never do) and
+//! scans of another namespace move their connection, with its unread bytes, to a thread of
+//! its own running the blocking front-end (`conn.rs`) once its in-flight replies are written.
+//! (The clients send info on their own tend connections; data connections stay on the
+//! shards.)
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
@@ -30,9 +32,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use ferrospike_engine::hook::{HookCtx, ShardHook};
 use ferrospike_engine::io::Doorbell;
-use ferrospike_engine::{Command, Reply, ResultCode};
+use ferrospike_engine::{Command, Digest, Reply, ResultCode};
 
-use super::conn::{self, log_close, next_frame, read_window, Close, BATCH_WINDOW, KEEP_BUF_BYTES, WRITE_TIMEOUT};
+use super::conn::{
+    self, log_close, next_frame, read_window, Close, BATCH_WINDOW, KEEP_BUF_BYTES, SCAN_PAGE, WRITE_TIMEOUT,
+};
 use super::{NetStats, Shared, CONN_STACK_BYTES};
 use crate::proto::batch::{BatchCursor, BatchRows};
 use crate::proto::codes::*;
@@ -40,6 +44,7 @@ use crate::proto::request::{self, classify, Flags, Kind};
 use crate::proto::response::{
     begin_frame, encode_error, encode_reply, end_frame, write_last_msg, write_reply_msg, RespHeader,
 };
+use crate::proto::scan::{parse_scan, write_scan_record};
 use crate::proto::{Msg, MsgHeader, Reader, PROTO_HEADER_BYTES};
 
 /// epoll token of the doorbell; connection tokens are slab indices.
@@ -80,6 +85,32 @@ struct NetReply {
     bytes: Vec<u8>,
     /// One row of the batch request `seq` (a message, not a whole frame).
     row: bool,
+    /// A page of the scan request `seq` (record messages, not a whole frame).
+    page: Option<PageInfo>,
+}
+
+/// What a scan page said besides its records.
+struct PageInfo {
+    records: u64,
+    last: Option<Digest>,
+    done: bool,
+    result: ResultCode,
+}
+
+/// A scan being executed: one page (of one partition) at a time.
+struct ScanJob {
+    set: Option<String>,
+    /// Partitions with the digest to resume after.
+    partitions: Vec<(u16, Option<Digest>)>,
+    next: usize,
+    after: Option<Digest>,
+    left: u64,
+    no_bins: bool,
+    bins: Arc<Vec<String>>,
+    seq: u64,
+    in_flight: bool,
+    result: Option<ResultCode>,
+    rows: Vec<u8>,
 }
 
 /// A response in the making, in request order.
@@ -136,6 +167,8 @@ struct NetConn {
     eof: bool,
     /// The batch request in progress (one at a time per connection).
     batch: Option<BatchJob>,
+    /// The scan in progress (one at a time per connection).
+    scan: Option<ScanJob>,
 }
 
 /// One shard's front-end.
@@ -242,6 +275,7 @@ impl ShardNet {
             migrate: false,
             eof: false,
             batch: None,
+            scan: None,
         });
     }
 
@@ -354,9 +388,42 @@ impl ShardNet {
                             pos += total;
                             continue;
                         }
+                        Kind::Scan if c.scan.is_some() => break,
                         Kind::Scan => {
-                            c.migrate = true;
-                            break;
+                            let req = match parse_scan(&m) {
+                                Ok(r) => r,
+                                Err(rc) => {
+                                    NetStats::bump(&sh.stats.scan_requests);
+                                    c.slots.push_back(Slot::done(last_frame(rc)));
+                                    pos += total;
+                                    continue;
+                                }
+                            };
+                            if req.namespace != self.namespace {
+                                // Another namespace's shards: the blocking front-end scans it.
+                                c.migrate = true;
+                                break;
+                            }
+                            NetStats::bump(&sh.stats.scan_requests);
+                            let seq = c.base_seq + c.slots.len() as u64;
+                            c.slots.push_back(Slot::pending());
+                            c.outstanding += 1;
+                            let after = req.partitions.first().and_then(|p| p.1);
+                            c.scan = Some(ScanJob {
+                                set: req.set.map(str::to_string),
+                                partitions: req.partitions,
+                                next: 0,
+                                after,
+                                left: req.max_records.unwrap_or(u64::MAX),
+                                no_bins: req.no_bins,
+                                bins: Arc::new(req.bins),
+                                seq,
+                                in_flight: false,
+                                result: None,
+                                rows: Vec::new(),
+                            });
+                            pos += total;
+                            continue;
                         }
                     }
                     NetStats::bump(&sh.stats.single_requests);
@@ -467,9 +534,58 @@ impl ShardNet {
         }
     }
 
+    /// Ask for the connection's scan's next page, and frame the records that came back.
+    fn pump_scan(&mut self, slot: u32, ctx: &mut HookCtx<'_>) {
+        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let backlog = c.out.len() - c.out_pos + c.slots.iter().map(|s| s.bytes.len()).sum::<usize>();
+        let Some(job) = c.scan.as_mut() else { return };
+        if job.result.is_none() && (job.left == 0 || job.next >= job.partitions.len()) {
+            job.result = Some(ResultCode::Ok);
+        }
+        if job.result.is_none() && !job.in_flight && backlog < MAX_OUT_BACKLOG {
+            let pid = job.partitions[job.next].0;
+            let max = job.left.min(SCAN_PAGE as u64) as usize;
+            let (tx, bell) = (self.replies_tx.clone(), self.doorbell.clone());
+            let (id, seq, no_bins, bins) = (c.id, job.seq, job.no_bins, job.bins.clone());
+            let ns = self.namespace.clone();
+            job.in_flight = true;
+            ctx.scan(pid, job.set.as_deref(), job.after, max, !no_bins, move |page| {
+                let mut bytes = Vec::new();
+                for rec in &page.records {
+                    write_scan_record(&mut bytes, &ns, rec, no_bins, &bins);
+                }
+                let info = PageInfo {
+                    records: page.records.len() as u64,
+                    last: page.records.last().map(|r| r.digest),
+                    done: page.done,
+                    result: page.result,
+                };
+                let _ = tx.send(NetReply { slot, id, seq, bytes, row: false, page: Some(info) });
+                if let Some(b) = bell {
+                    b.ring_if_sleeping();
+                }
+            });
+        }
+        let Some(job) = c.scan.as_mut() else { return };
+        let i = (job.seq - c.base_seq) as usize;
+        let out = &mut c.slots[i].bytes;
+        if !job.rows.is_empty() {
+            let start = begin_frame(out, MSG_TYPE_AS_MSG);
+            out.append(&mut job.rows);
+            end_frame(out, start);
+        }
+        if let Some(rc) = job.result.filter(|_| !job.in_flight) {
+            out.extend_from_slice(&last_frame(rc));
+            c.slots[i].done = true;
+            c.scan = None;
+            c.outstanding -= 1;
+        }
+    }
+
     /// Write a connection's finished responses, in order, as far as the socket takes them.
     fn flush(&mut self, sh: &Shared, slot: u32, ctx: &mut HookCtx<'_>) {
         self.pump_batch(sh, slot, ctx);
+        self.pump_scan(slot, ctx);
         let Some(c) = self.conns[slot as usize].as_mut() else { return };
         while let Some(front) = c.slots.front_mut() {
             if c.out_pos == c.out.len() {
@@ -633,7 +749,7 @@ fn dispatch(
     let (tx, bell) = (back.tx.clone(), back.bell.clone());
     let Back { slot, id, seq, row, .. } = back;
     let cb = move |reply: Reply| {
-        let _ = tx.send(NetReply { slot, id, seq, bytes: encode(&reply), row });
+        let _ = tx.send(NetReply { slot, id, seq, bytes: encode(&reply), row, page: None });
         if let Some(b) = bell {
             b.ring_if_sleeping();
         }
@@ -728,7 +844,21 @@ impl ShardHook for ShardNet {
             let Some(c) = self.conns.get_mut(r.slot as usize).and_then(Option::as_mut).filter(|c| c.id == r.id) else {
                 continue;
             };
-            if r.row {
+            if let Some(p) = r.page {
+                if let Some(job) = c.scan.as_mut().filter(|j| j.seq == r.seq) {
+                    job.in_flight = false;
+                    job.rows.extend_from_slice(&r.bytes);
+                    job.left = job.left.saturating_sub(p.records);
+                    if p.result != ResultCode::Ok {
+                        job.result = Some(p.result);
+                    } else if p.done || p.records == 0 {
+                        job.next += 1;
+                        job.after = job.partitions.get(job.next).and_then(|q| q.1);
+                    } else {
+                        job.after = p.last;
+                    }
+                }
+            } else if r.row {
                 if let Some(job) = c.batch.as_mut().filter(|j| j.seq == r.seq) {
                     job.rows.extend_from_slice(&r.bytes);
                     job.outstanding -= 1;

@@ -7,7 +7,8 @@ pub struct NetStats {
     pub connections_current: AtomicUsize,
     pub connections_opened: AtomicU64,
     pub connections_refused: AtomicU64,
-    /// Connections the shard front-end handed to a thread (for an info or scan request).
+    /// Connections the shard front-end handed to a thread (for an info request, or a scan
+    /// of another namespace).
     pub connections_handed_over: AtomicU64,
     pub frames_malformed: AtomicU64,
     pub frames_too_large: AtomicU64,
