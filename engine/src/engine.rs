@@ -15,7 +15,7 @@ use crate::format::{DeviceHeader, TruncateEntry, HEADER_COPY_STRIDE, HEADER_FLAG
 use crate::hook::ShardHook;
 use crate::index::{IndexEntry, MAX_DEVICES, MAX_DEVICE_BYTES};
 use crate::io::{run_sync, AlignedBuf, DeviceSet, Doorbell, IoBackend, IoOp, IoRequest, WBuf};
-use crate::shard::{Msg, Peer, Shard, ShardLinks};
+use crate::shard::{Msg, Peer, ScanReq, Shard, ShardLinks};
 use crate::shared::{DevShared, EngineStats, SetRegistry, ShardStats, Shared};
 use crate::types::{now_cl_ms, Digest, ResultCode, MAX_SET_NAME_BYTES};
 
@@ -297,7 +297,7 @@ impl Engine {
             let _ = tx.send(p);
         });
         let failed = ScanPage { result: ResultCode::ServerError, records: Vec::new(), done: true };
-        if self.send(shard, Msg::Scan { pid: pid & 0x0fff, set, after, max, with_bins, cb }).is_err() {
+        if self.send(shard, Msg::Scan(ScanReq { pid: pid & 0x0fff, set, after, max, with_bins }, cb)).is_err() {
             return failed;
         }
         rx.recv().unwrap_or(failed)

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use crate::api::{Command, Reply, ScanPage};
 use crate::io::Doorbell;
-use crate::shard::Shard;
+use crate::shard::{ScanReq, Shard};
 use crate::types::{Digest, ResultCode};
 
 /// Code run by one shard's loop. Everything here runs on the shard thread and must never
@@ -81,7 +81,7 @@ impl HookCtx<'_> {
                 None => return cb(ScanPage { result: ResultCode::Ok, records: Vec::new(), done: true }),
             },
         };
-        self.shard.scan_from_hook(pid, set, after, max, with_bins, Box::new(cb));
+        self.shard.scan_from_hook(ScanReq { pid, set, after, max, with_bins }, Box::new(cb));
     }
 
     /// Commands waiting for room in another shard's channel. A hook should stop taking new

@@ -57,20 +57,23 @@ pub(crate) struct ShardLinks {
     pub hook: Option<Box<dyn crate::hook::ShardHook>>,
 }
 
+/// One page of a partition scan: up to `max` live records after `after`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ScanReq {
+    pub pid: u16,
+    /// Only records of this set id.
+    pub set: Option<u16>,
+    pub after: Option<Digest>,
+    pub max: usize,
+    pub with_bins: bool,
+}
+
 /// Messages a shard accepts.
 pub(crate) enum Msg {
     Cmd(Command, Callback),
     /// Messages (commands, scan pages) handed over by another shard's hook, in order.
     Many(Vec<Msg>),
-    Scan {
-        pid: u16,
-        /// Only records of this set id.
-        set: Option<u16>,
-        after: Option<Digest>,
-        max: usize,
-        with_bins: bool,
-        cb: ScanCallback,
-    },
+    Scan(ScanReq, ScanCallback),
     /// Write every buffered record durably, then call back.
     Flush(Done),
     /// Flush, fsync and leave the loop, then call back.
@@ -464,7 +467,7 @@ impl Shard {
                     self.handle(m);
                 }
             }
-            Msg::Scan { pid, set, after, max, with_bins, cb } => self.start_scan(pid, set, after, max, with_bins, cb),
+            Msg::Scan(req, cb) => self.start_scan(req, cb),
             Msg::Truncate { set_id, before_ms, done } => {
                 self.truncate(set_id, before_ms);
                 done();
@@ -501,7 +504,7 @@ impl Shard {
                     self.refuse(m);
                 }
             }
-            Msg::Scan { cb, .. } => cb(ScanPage { result: ResultCode::ServerError, records: Vec::new(), done: true }),
+            Msg::Scan(_, cb) => cb(ScanPage { result: ResultCode::ServerError, records: Vec::new(), done: true }),
             Msg::Abort(done) => {
                 self.aborted = true;
                 done();
@@ -730,25 +733,17 @@ impl Shard {
     }
 
     /// A scan page for the hook: run here, or queue it for the partition's owner.
-    pub(crate) fn scan_from_hook(
-        &mut self,
-        pid: u16,
-        set: Option<u16>,
-        after: Option<Digest>,
-        max: usize,
-        with_bins: bool,
-        cb: ScanCallback,
-    ) {
-        let pid = pid & 0x0fff;
+    pub(crate) fn scan_from_hook(&mut self, mut req: ScanReq, cb: ScanCallback) {
+        req.pid &= 0x0fff;
         if self.stopping.is_some() {
             cb(ScanPage { result: ResultCode::ServerError, records: Vec::new(), done: true });
             return;
         }
-        let owner = self.shared.shard_of_partition(pid);
+        let owner = self.shared.shard_of_partition(req.pid);
         if owner == self.id {
-            self.start_scan(pid, set, after, max, with_bins, cb);
+            self.start_scan(req, cb);
         } else {
-            self.forward[owner].push(Msg::Scan { pid, set, after, max, with_bins, cb });
+            self.forward[owner].push(Msg::Scan(req, cb));
         }
     }
 

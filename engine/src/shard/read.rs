@@ -108,15 +108,8 @@ impl Shard {
 
     // ------------------------------------------------------------------ scans
 
-    pub(super) fn start_scan(
-        &mut self,
-        pid: u16,
-        set: Option<u16>,
-        after: Option<Digest>,
-        max: usize,
-        with_bins: bool,
-        cb: ScanCallback,
-    ) {
+    pub(super) fn start_scan(&mut self, req: ScanReq, cb: ScanCallback) {
+        let ScanReq { pid, set, after, max, with_bins } = req;
         let mut entries: Vec<IndexEntry> = self
             .index
             .partition_entries(pid)
