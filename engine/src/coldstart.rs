@@ -15,10 +15,9 @@ use crate::format::{
     claimed_wblock_seq, padded, record_set, verify_record, RecordLoc, RecordMeta, WblockHeader, RECORD_HEADER_BYTES,
     RECORD_MAGIC, WBLOCK_HEADER_BYTES,
 };
-use crate::index::{lut_mask, seq_mask, Index, IndexEntry, Loc};
+use crate::index::{lut_mask, Index, IndexEntry, Loc};
 use crate::io::{IoBackend, IoOp, IoRequest};
 use crate::shared::{truncate_cutoff, Shared};
-use crate::types::N_PARTITIONS;
 
 /// What one wblock holds.
 #[derive(Debug, Default)]
@@ -121,19 +120,8 @@ pub(crate) fn drop_truncated(index: &mut Index, shared: &Shared, shard: usize) -
         return 0;
     }
     let cutoffs: Vec<u64> = shared.sets.names().iter().map(|n| lut_mask(truncate_cutoff(&table, n))).collect();
-    let mut dropped = 0;
-    for pid in (shard..N_PARTITIONS).step_by(shared.n_shards) {
-        let doomed: Vec<_> = index
-            .partition_entries(pid as u16)
-            .into_iter()
-            .filter(|e| e.last_update_ms < cutoffs.get(e.set_id as usize).copied().unwrap_or(0))
-            .collect();
-        for e in doomed {
-            index.remove(&e.digest);
-            dropped += 1;
-        }
-    }
-    dropped
+    let covered = |e: &IndexEntry| e.last_update_ms < cutoffs.get(e.set_id as usize).copied().unwrap_or(0);
+    index.remove_where(shared.partitions_of(shard), covered).len() as u64
 }
 
 /// Scan this shard's wblocks on every device.
@@ -202,21 +190,8 @@ pub(crate) fn scan_slice(io: &mut dyn IoBackend, shared: &Shared, shard: usize) 
                 // Truncates are applied once the newest copy of each digest is known
                 // (`drop_truncated`): filtering copies here could let an older copy stand in
                 // for a truncated newer one.
-                keep_newest(
-                    &mut index,
-                    IndexEntry {
-                        digest: meta.digest,
-                        loc: Loc { dev: d, offset: w as u64 * wb + off as u64, size: plen },
-                        seq: seq_mask(meta.seq),
-                        last_update_ms: lut_mask(meta.last_update_ms),
-                        void_time: meta.void_time,
-                        generation: meta.generation,
-                        set_id,
-                        tombstone: meta.tombstone,
-                        key_stored: has_key,
-                        fresh: false,
-                    },
-                );
+                let loc = Loc { dev: d, offset: w as u64 * wb + off as u64, size: plen };
+                keep_newest(&mut index, IndexEntry::of_record(&meta, loc, set_id, has_key));
             }
             spare.push(buf);
             done_bytes += wb;

@@ -490,9 +490,9 @@ fn shard_main(
             continue;
         }
         let mut out = Vec::new();
-        for pid in (t..crate::types::N_PARTITIONS).step_by(n) {
-            if index.partition_len(pid as u16) > 0 {
-                out.extend(index.drain_partition(pid as u16));
+        for pid in shared.partitions_of(t) {
+            if index.partition_len(pid) > 0 {
+                out.extend(index.drain_partition(pid));
             }
         }
         let _ = tx.send(out);
@@ -507,8 +507,8 @@ fn shard_main(
     }
     let truncated = drop_truncated(&mut index, &shared, id);
     shared.stats[id].cold_truncated.store(truncated, Relaxed);
-    for pid in (id..crate::types::N_PARTITIONS).step_by(n) {
-        for e in index.partition_entries(pid as u16) {
+    for pid in shared.partitions_of(id) {
+        for e in index.partition_entries(pid) {
             let w = (e.loc.offset / shared.wblock_bytes()) as u32;
             shared.add_live(e.loc.dev, w, e.loc.size);
         }

@@ -66,6 +66,24 @@ pub struct IndexEntry {
     pub fresh: bool,
 }
 
+impl IndexEntry {
+    /// The entry of a record found at `loc` (`fresh` false: see [`Index::upsert_marking_fresh`]).
+    pub fn of_record(meta: &crate::format::RecordMeta, loc: Loc, set_id: u16, key_stored: bool) -> IndexEntry {
+        IndexEntry {
+            digest: meta.digest,
+            loc,
+            seq: seq_mask(meta.seq),
+            last_update_ms: lut_mask(meta.last_update_ms),
+            void_time: meta.void_time,
+            generation: meta.generation,
+            set_id,
+            tombstone: meta.tombstone,
+            key_stored,
+            fresh: false,
+        }
+    }
+}
+
 pub const SEQ_BITS: u32 = 48;
 const LUT_BITS: u32 = 40;
 
@@ -294,6 +312,23 @@ impl Index {
     /// Live (non-tombstone) entries per set id (index = set id; missing ids have none).
     pub fn set_records(&self) -> &[u64] {
         &self.set_records
+    }
+
+    /// Remove and return the entries of partitions `pids` for which `doomed` holds.
+    pub fn remove_where(
+        &mut self,
+        pids: impl Iterator<Item = u16>,
+        doomed: impl Fn(&IndexEntry) -> bool,
+    ) -> Vec<IndexEntry> {
+        let mut out = Vec::new();
+        for pid in pids {
+            let gone: Vec<IndexEntry> = self.partition_entries(pid).into_iter().filter(&doomed).collect();
+            for e in &gone {
+                self.remove(&e.digest);
+            }
+            out.extend(gone);
+        }
+        out
     }
 
     /// Entries of one partition, in no particular order.

@@ -120,6 +120,11 @@ impl Shared {
         pid as usize % self.n_shards
     }
 
+    /// The partitions `shard` owns.
+    pub fn partitions_of(&self, shard: usize) -> impl Iterator<Item = u16> {
+        (shard..crate::types::N_PARTITIONS).step_by(self.n_shards).map(|p| p as u16)
+    }
+
     /// The device a digest's records are written to (Aerospike uses digest bytes 8..12 too).
     pub fn device_of(&self, d: &crate::types::Digest) -> u32 {
         u32::from_le_bytes(d.0[8..12].try_into().expect("4 bytes")) % self.devs.len() as u32

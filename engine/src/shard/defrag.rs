@@ -172,8 +172,8 @@ impl Shard {
         let floor = self.shared.data_floor(self.id);
         let mut expired: Vec<IndexEntry> = Vec::new();
         let mut dead_tombs: Vec<IndexEntry> = Vec::new();
-        for pid in (self.id..crate::types::N_PARTITIONS).step_by(self.shared.n_shards) {
-            for e in self.index.partition_entries(pid as u16) {
+        for pid in self.shared.partitions_of(self.id) {
+            for e in self.index.partition_entries(pid) {
                 if e.tombstone {
                     if e.seq < floor {
                         dead_tombs.push(e);

@@ -32,7 +32,7 @@ use crate::error::{DeviceError, FormatError};
 use crate::format::{
     bind_record, decode_record, encode_record, RecordBody, RecordMeta, WblockHeader, WBLOCK_HEADER_BYTES,
 };
-use crate::index::{lut_mask, seq_mask, Index, IndexEntry, Loc};
+use crate::index::{lut_mask, Index, IndexEntry, Loc};
 use crate::io::{AlignedBuf, Doorbell, IoBackend, IoCompletion, IoOp, IoRequest, WBuf};
 use crate::ops::{self, Current, Outcome};
 use crate::shared::Shared;
@@ -679,19 +679,7 @@ impl Shard {
         };
         self.scratch = rec;
         self.next_seq += 1;
-        let entry = IndexEntry {
-            digest: meta.digest,
-            loc,
-            seq: seq_mask(meta.seq),
-            last_update_ms: lut_mask(meta.last_update_ms),
-            void_time: meta.void_time,
-            generation: meta.generation,
-            set_id,
-            tombstone: meta.tombstone,
-            key_stored: key.is_some(),
-            fresh: false,
-        };
-        let old = self.index.upsert_marking_fresh(entry);
+        let old = self.index.upsert_marking_fresh(IndexEntry::of_record(&meta, loc, set_id, key.is_some()));
         self.shared.stats[self.id].client_write_bytes.fetch_add(plen as u64, Relaxed);
         let open = self.open[slot(dev, CLIENT)].as_mut().expect("append leaves an open wblock");
         if let Some(o) = old {
@@ -791,19 +779,13 @@ impl Shard {
     fn truncate(&mut self, set_id: Option<u16>, before_ms: u64) {
         self.lut_floor = self.lut_floor.max(before_ms);
         let cutoff = lut_mask(before_ms);
+        let doomed = self.index.remove_where(self.shared.partitions_of(self.id), |e| {
+            set_id.is_none_or(|s| e.set_id == s) && e.last_update_ms < cutoff
+        });
         let mut gone = 0u64;
-        for pid in (self.id..crate::types::N_PARTITIONS).step_by(self.shared.n_shards) {
-            let doomed: Vec<IndexEntry> = self
-                .index
-                .partition_entries(pid as u16)
-                .into_iter()
-                .filter(|e| set_id.is_none_or(|s| e.set_id == s) && e.last_update_ms < cutoff)
-                .collect();
-            for e in doomed {
-                self.index.remove(&e.digest);
-                self.release(e.loc);
-                gone += !e.tombstone as u64;
-            }
+        for e in doomed {
+            self.release(e.loc);
+            gone += !e.tombstone as u64;
         }
         self.shared.stats[self.id].truncated.fetch_add(gone, Relaxed);
         self.publish_stats();

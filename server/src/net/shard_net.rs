@@ -478,7 +478,7 @@ impl ShardNet {
 
     /// Run more rows of the connection's batch, and frame the rows that have finished.
     fn pump_batch(&mut self, sh: &Shared, slot: u32, ctx: &mut HookCtx<'_>) {
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conns[slot as usize].as_mut().filter(|c| c.batch.is_some()) else { return };
         let backlog = c.out.len() - c.out_pos + c.slots.iter().map(|s| s.bytes.len()).sum::<usize>();
         let Some(job) = c.batch.as_mut() else { return };
         let BatchJob { body, cursor, seq, outstanding, all_submitted, rows } = job;
@@ -536,7 +536,7 @@ impl ShardNet {
 
     /// Ask for the connection's scan's next page, and frame the records that came back.
     fn pump_scan(&mut self, slot: u32, ctx: &mut HookCtx<'_>) {
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conns[slot as usize].as_mut().filter(|c| c.scan.is_some()) else { return };
         let backlog = c.out.len() - c.out_pos + c.slots.iter().map(|s| s.bytes.len()).sum::<usize>();
         let Some(job) = c.scan.as_mut() else { return };
         if job.result.is_none() && (job.left == 0 || job.next >= job.partitions.len()) {
