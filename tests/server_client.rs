@@ -23,7 +23,15 @@ use futures::StreamExt;
 use server_support::{Scratch, ServerProc};
 
 async fn connect(s: &ServerProc) -> Client {
-    Client::new(&ClientPolicy::default(), &s.addr()).await.expect("connect to ferrospike")
+    match Client::new(&ClientPolicy::default(), &s.addr()).await {
+        Ok(c) => c,
+        Err(e) => panic!(
+            "connect to ferrospike at {}: {e:?}\ninfo `node` on a fresh socket: {:?}\nserver log:\n{}",
+            s.addr(),
+            common::info_round_trip(s.port, "node\n"),
+            s.log_text()
+        ),
+    }
 }
 
 fn rc(e: &aerospike::Error) -> i32 {

@@ -181,3 +181,59 @@ pub fn pipeline(
         wait_one(&mut pending);
     }
 }
+
+/// Wait until a `ferrospike` process started with `port = 0` logs its `listening on
+/// ADDR:PORT` line (the `nth`, counting from 1, for a process restarted on the same log) and
+/// answers an info request on that port; returns the port.
+///
+/// The server picks its own port, so two tests can never race for one, and the info round
+/// trip proves that a ferrospike answers there (a bare connect can reach something else, or
+/// the socket itself when the kernel picks the destination port as the source).
+pub fn wait_listening(child: &mut std::process::Child, log: &Path, nth: usize) -> u16 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let text = || std::fs::read_to_string(log).unwrap_or_default();
+    let port = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("ferrospike exited during start-up ({st}):\n{}", text());
+        }
+        if let Some(p) = text().lines().filter_map(listening_port).nth(nth - 1) {
+            break p;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!("ferrospike did not log `listening on` within 60 s:\n{}", text());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    match info_round_trip(port, "node\n") {
+        Ok(body) if body.starts_with("node\t") => port,
+        Ok(body) => panic!("port {port} answered {body:?} to `node`, not a ferrospike:\n{}", text()),
+        Err(e) => panic!("ferrospike logged port {port} but did not answer `node` there: {e}\n{}", text()),
+    }
+}
+
+/// The port of a `listening on ADDR:PORT: ...` log line.
+fn listening_port(line: &str) -> Option<u16> {
+    let rest = &line[line.find("listening on ")? + "listening on ".len()..];
+    let addr = rest.split_whitespace().next()?.trim_end_matches(':');
+    addr.rsplit(':').next()?.parse().ok()
+}
+
+/// Send one info request on a fresh connection and return the response body.
+pub fn info_round_trip(port: u16, cmds: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    if s.local_addr()? == s.peer_addr()? {
+        return Err(std::io::Error::other("connected to itself"));
+    }
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let mut frame = vec![2u8, 1, 0, 0, 0, 0, 0, 0];
+    frame[2..8].copy_from_slice(&(cmds.len() as u64).to_be_bytes()[2..]);
+    frame.extend_from_slice(cmds.as_bytes());
+    s.write_all(&frame)?;
+    let mut h = [0u8; 8];
+    s.read_exact(&mut h)?;
+    let n = (u64::from_be_bytes(h) & ((1 << 48) - 1)) as usize;
+    let mut body = vec![0; n];
+    s.read_exact(&mut body)?;
+    String::from_utf8(body).map_err(std::io::Error::other)
+}

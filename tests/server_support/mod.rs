@@ -5,8 +5,6 @@
 //! real `ferrospike` command line (`ferrospike_server::cli::run`).
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -14,24 +12,22 @@ use std::time::{Duration, Instant};
 /// Scratch directories are the end-to-end tests' common ones.
 pub use crate::common::TestDir as Scratch;
 
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("local addr").port()
-}
-
 /// A running `ferrospike` server process.
 pub struct ServerProc {
     pub child: Option<Child>,
     pub port: u16,
     pub config: PathBuf,
     pub log: PathBuf,
+    /// Starts so far: the log holds one `listening on` line per start.
+    starts: usize,
 }
 
 impl ServerProc {
     /// Write a config (file device of 256M, 1M write blocks, 2 shards, `extra_service`
-    /// appended to [service]) into `dir` and start a server on it.
+    /// appended to [service]) into `dir` and start a server on it. The server picks a free
+    /// port itself; restarts use the same one.
     pub fn start(dir: &Scratch, extra_service: &str) -> ServerProc {
-        let port = free_port();
+        let port = 0;
         let config = dir.0.join("ferrospike.toml");
         let text = format!(
             "[service]\naddress = \"127.0.0.1\"\nport = {port}\nshards = 2\n{extra_service}\n\n\
@@ -40,8 +36,11 @@ impl ServerProc {
             dir.0.join("test.dat").display()
         );
         std::fs::write(&config, text).expect("write config");
-        let mut s = ServerProc { child: None, port, config, log: dir.0.join("server.log") };
+        let mut s = ServerProc { child: None, port, config, log: dir.0.join("server.log"), starts: 0 };
         s.restart();
+        let text = std::fs::read_to_string(&s.config).expect("read config");
+        std::fs::write(&s.config, text.replacen("port = 0\n", &format!("port = {}\n", s.port), 1))
+            .expect("rewrite config");
         s
     }
 
@@ -58,18 +57,11 @@ impl ServerProc {
             .stderr(log)
             .spawn()
             .expect("spawn ferrospike");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("ferrospike exited during start-up ({st}):\n{}", self.log_text());
-            }
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("ferrospike did not start listening within 60 s:\n{}", self.log_text());
+        let child = self.child.insert(child);
+        self.starts += 1;
+        let port = crate::common::wait_listening(child, &self.log, self.starts);
+        assert!(self.port == 0 || self.port == port, "restarted on port {port}, not {}", self.port);
+        self.port = port;
     }
 
     pub fn pid(&self) -> u32 {
@@ -116,18 +108,7 @@ impl ServerProc {
 
     /// Send one info request on a fresh connection and return the response body.
     pub fn info(&self, cmds: &str) -> String {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut frame = vec![2u8, 1, 0, 0, 0, 0, 0, 0];
-        frame[2..8].copy_from_slice(&(cmds.len() as u64).to_be_bytes()[2..]);
-        frame.extend_from_slice(cmds.as_bytes());
-        s.write_all(&frame).expect("send info");
-        let mut h = [0u8; 8];
-        s.read_exact(&mut h).expect("info header");
-        let n = (u64::from_be_bytes(h) & ((1 << 48) - 1)) as usize;
-        let mut body = vec![0; n];
-        s.read_exact(&mut body).expect("info body");
-        String::from_utf8(body).expect("utf8 info")
+        crate::common::info_round_trip(self.port, cmds).expect("info request")
     }
 }
 

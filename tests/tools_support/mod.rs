@@ -6,10 +6,8 @@
 //! which calls the tool's `main`, the same function its own binary calls.
 #![allow(dead_code)]
 
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 fn tool_command(tool: &str, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferrospike-test-tool"));
@@ -86,12 +84,11 @@ pub struct Server {
 
 impl Server {
     pub fn start(dir: &Scratch) -> Server {
-        let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
         let config = dir.path("ferrospike.toml");
         std::fs::write(
             &config,
             format!(
-                "[service]\naddress = \"127.0.0.1\"\nport = {port}\nshards = 2\n\n[[namespaces]]\nname = \"test\"\n\n\
+                "[service]\naddress = \"127.0.0.1\"\nport = 0\nshards = 2\n\n[[namespaces]]\nname = \"test\"\n\n\
                  [namespaces.storage]\nfiles = [\"{}\"]\nfile-size = \"256M\"\nwrite-block-size = \"1M\"\n\
                  flush-max-ms = 100\n",
                 dir.path("server.dat").display()
@@ -101,23 +98,14 @@ impl Server {
         let log = dir.path("server.log");
         let logf = std::fs::File::create(&log).expect("log");
         let cfg = config.to_str().expect("utf8 path").to_string();
-        let child = tool_command("server", &["--config", &cfg])
+        let mut child = tool_command("server", &["--config", &cfg])
+            .env("RUST_LOG", "info")
             .stdout(logf.try_clone().expect("log fd"))
             .stderr(logf)
             .spawn()
             .expect("spawn server");
-        let mut s = Server { child, port, log };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = s.child.try_wait() {
-                panic!("ferrospike exited during start-up ({st}):\n{}", s.log_text());
-            }
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return s;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("ferrospike did not listen within 60 s:\n{}", s.log_text());
+        let port = crate::common::wait_listening(&mut child, &log, 1);
+        Server { child, port, log }
     }
 
     pub fn log_text(&self) -> String {
