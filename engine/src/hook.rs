@@ -10,7 +10,8 @@
 //! one message per destination per turn, without ever blocking (a full destination channel
 //! keeps the batch for the next turn). Callbacks run on the shard that executes the command;
 //! a hook gets its answers back through a channel of its own and the [`Doorbell`] it is
-//! given at start, which wakes its shard when it sleeps.
+//! given at start, which wakes its shard when it sleeps. [`HookCtx::woken`] tells a turn
+//! whether its wake descriptor was reported readable since the previous one.
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -47,9 +48,18 @@ pub trait ShardHook: Send {
 /// What a hook can do with its shard during a turn.
 pub struct HookCtx<'a> {
     pub(crate) shard: &'a mut Shard,
+    pub(crate) woken: bool,
 }
 
 impl HookCtx<'_> {
+    /// Whether the ring saw the wake descriptor readable since the previous turn. The ring
+    /// keeps a poll on it armed between turns, and a busy shard still collects that poll's
+    /// completion, so a level-triggered descriptor (an epoll set) that is not reported here
+    /// had nothing ready when last polled, and a hook may skip looking into it this turn.
+    pub fn woken(&self) -> bool {
+        self.woken
+    }
+
     /// This shard's number.
     pub fn shard_id(&self) -> usize {
         self.shard.id()

@@ -345,6 +345,10 @@ pub(super) struct UringBackend {
     kernel_max: usize,
     doorbell: Option<RawFd>,
     doorbell_armed: bool,
+    /// Whether the watched descriptor is an eventfd whose counter a wake-up resets. A hook's
+    /// epoll set is watched instead of the eventfd; reading it fails with EINVAL, which
+    /// turns this off on the first wake-up (its owner resets the eventfd inside it).
+    doorbell_drain: bool,
     rung: bool,
     /// Reusable buffer for CQEs read in one pass.
     cqes: Vec<(u64, i32)>,
@@ -387,6 +391,7 @@ impl UringBackend {
             in_kernel: 0,
             doorbell,
             doorbell_armed: false,
+            doorbell_drain: true,
             rung: false,
             setup_flags,
             buffers_note,
@@ -470,7 +475,17 @@ impl UringBackend {
         self.doorbell_armed = false;
         let Some(fd) = self.doorbell else { return };
         if res >= 0 {
-            wait_eventfd(Some(fd), Some(Duration::ZERO));
+            // The poll reported the descriptor readable, so one non-blocking read resets an
+            // eventfd's counter; no poll(2) first.
+            if self.doorbell_drain {
+                let mut counter: u64 = 0;
+                // SAFETY: reads at most 8 bytes into a live local u64. Only this backend
+                // reads the descriptor, which was just reported readable, so it cannot block.
+                let r = unsafe { libc::read(fd, (&mut counter as *mut u64).cast(), 8) };
+                if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+                    self.doorbell_drain = false;
+                }
+            }
             self.rung = true;
         } else if -res != libc::ECANCELED {
             tracing::warn!(
@@ -751,7 +766,8 @@ impl Drop for UringBackend {
 // eventfd helpers (shared with the simulated backend)
 
 /// Wait up to `timeout` (None: without limit) for `fd` to become readable; when it does,
-/// drain its counter and return true. With `fd` None this just sleeps for the timeout.
+/// drain its counter (when it is an eventfd) and return true. With `fd` None this just sleeps
+/// for the timeout.
 pub(super) fn wait_eventfd(fd: Option<RawFd>, timeout: Option<Duration>) -> bool {
     let ms: libc::c_int = match timeout {
         None => -1,
@@ -766,9 +782,10 @@ pub(super) fn wait_eventfd(fd: Option<RawFd>, timeout: Option<Duration>) -> bool
     }
     let mut counter: u64 = 0;
     // SAFETY: reads at most 8 bytes into a live local u64. The fd was just reported readable
-    // and only this backend reads it, so the read does not block.
-    let r = unsafe { libc::read(pfd.fd, (&mut counter as *mut u64).cast(), 8) };
-    r == 8
+    // and only this backend reads it, so the read does not block. (On an epoll set, which a
+    // hook gives instead of an eventfd, it fails harmlessly.)
+    unsafe { libc::read(pfd.fd, (&mut counter as *mut u64).cast(), 8) };
+    true
 }
 
 #[cfg(test)]

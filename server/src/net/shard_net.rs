@@ -57,6 +57,8 @@ const READS_PER_TURN: usize = 4;
 const MAX_OUT_BACKLOG: usize = 4 << 20;
 /// Commands waiting for another shard's channel beyond which no new requests are read.
 const MAX_FORWARD_BACKLOG: usize = 4096;
+/// The longest a turn goes without looking into the epoll set when the ring reports nothing.
+const EPOLL_SAFETY_NET: Duration = Duration::from_millis(5);
 /// How often deadlines, idle and stalled connections are checked.
 const TIMER_EVERY: Duration = Duration::from_millis(50);
 
@@ -188,6 +190,8 @@ pub struct ShardNet {
     free: Vec<u32>,
     next_id: u64,
     events: Vec<libc::epoll_event>,
+    /// When the epoll set was last looked into.
+    last_epoll: Instant,
     last_timer: Instant,
     /// Connections that may have replies or bytes to write.
     dirty: Vec<u32>,
@@ -228,6 +232,7 @@ impl ShardNet {
             free: Vec::new(),
             next_id: 1,
             events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS],
+            last_epoll: Instant::now(),
             last_timer: Instant::now(),
             dirty: Vec::new(),
         };
@@ -809,9 +814,17 @@ impl ShardHook for ShardNet {
                 did = true;
             }
         }
-        // SAFETY: `events` is a live buffer of EVENTS epoll_event entries; the kernel writes
-        // at most that many.
-        let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), self.events.as_mut_ptr(), EVENTS as libc::c_int, 0) };
+        // The ring polls the epoll set between turns: when it did not report it readable,
+        // nothing in it was ready, and an epoll_wait would only cost a system call. (Looked
+        // into anyway now and then, should a wake-up ever go missing.)
+        let n = if ctx.woken() || self.last_epoll.elapsed() >= EPOLL_SAFETY_NET {
+            self.last_epoll = Instant::now();
+            // SAFETY: `events` is a live buffer of EVENTS epoll_event entries; the kernel
+            // writes at most that many.
+            unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), self.events.as_mut_ptr(), EVENTS as libc::c_int, 0) }
+        } else {
+            0
+        };
         let Some(sh) = sh.as_deref() else {
             // No server yet: only the doorbell can be in the set; reset it.
             if n > 0 {
