@@ -47,36 +47,21 @@ pub fn scan_wblock(buf: &[u8], device_id: u64, dev_index: u32, w: u32) -> Wblock
     let mut in_run = false;
     let mut pos = WBLOCK_HEADER_BYTES;
     while pos + RECORD_HEADER_BYTES <= buf.len() {
-        if pos.is_multiple_of(4096) && buf[pos..(pos + 4096).min(buf.len())].iter().all(|&b| b == 0) {
-            pos += 4096;
-            continue;
-        }
-        let chunk = &buf[pos..pos + 16];
-        if chunk[..4] == RECORD_MAGIC {
-            let claimed = claimed_wblock_seq(&buf[pos..]);
-            let loc =
-                RecordLoc { device_id, device_index: dev_index, wblock_id: w, wblock_seq: claimed, offset: pos as u32 };
-            match verify_record(&buf[pos..], &loc, buf.len() - pos) {
-                Ok((meta, len)) => {
-                    let plen = padded(len);
-                    let has_key = buf[pos + 12] & crate::format::REC_FLAG_HAS_KEY != 0;
-                    found.push((meta, pos as u32, plen as u32, has_key, claimed));
-                    pos += plen;
-                    in_run = false;
-                    continue;
-                }
-                Err(_) => {
-                    if !in_run {
-                        runs.push((pos, Some(claimed)));
-                        in_run = true;
-                    }
-                }
+        match walk_step(buf, pos, device_id, dev_index, w) {
+            Walk::Skip(n) => pos += n,
+            Walk::Record { meta, plen, has_key, claimed } => {
+                found.push((meta, pos as u32, plen as u32, has_key, claimed));
+                pos += plen;
+                in_run = false;
             }
-        } else if !in_run && chunk.iter().any(|&b| b != 0) {
-            runs.push((pos, None));
-            in_run = true;
+            Walk::Bad(claimed) => {
+                if !in_run {
+                    runs.push((pos, claimed));
+                    in_run = true;
+                }
+                pos += WALK_STEP;
+            }
         }
-        pos += 16;
     }
     out.seq = found.iter().map(|f| f.4).max().unwrap_or(0).max(header_seq);
     let mut current_end = 0usize;
@@ -94,6 +79,47 @@ pub fn scan_wblock(buf: &[u8], device_id: u64, dev_index: u32, w: u32) -> Wblock
     // leftovers of an earlier use, not damage.
     out.corrupt = runs.iter().filter(|(p, claimed)| *p < current_end || *claimed == Some(out.seq)).count() as u64;
     out
+}
+
+/// The step of the walk over a wblock when no verified record starts where it is.
+pub(crate) const WALK_STEP: usize = 16;
+
+/// What the walk over a wblock finds at one position.
+pub(crate) enum Walk {
+    /// Nothing here (zeros): move on by this many bytes.
+    Skip(usize),
+    /// A record that verifies at this place: its metadata, padded length, whether it stores
+    /// a user key, and the wblock write sequence it claims.
+    Record { meta: RecordMeta, plen: usize, has_key: bool, claimed: u64 },
+    /// Non-zero bytes that are not a verified record (a torn or corrupt record when a magic
+    /// starts them, with the sequence it claims); move on by [`WALK_STEP`].
+    Bad(Option<u64>),
+}
+
+/// One step of the walk over wblock `w` of device `dev_index`, at `pos` (which leaves room
+/// for a record header). Cold start and defrag walk the same way.
+pub(crate) fn walk_step(buf: &[u8], pos: usize, device_id: u64, dev_index: u32, w: u32) -> Walk {
+    if pos.is_multiple_of(4096) && buf[pos..(pos + 4096).min(buf.len())].iter().all(|&b| b == 0) {
+        return Walk::Skip(4096);
+    }
+    let chunk = &buf[pos..pos + WALK_STEP];
+    if chunk[..4] == RECORD_MAGIC {
+        let claimed = claimed_wblock_seq(&buf[pos..]);
+        let loc =
+            RecordLoc { device_id, device_index: dev_index, wblock_id: w, wblock_seq: claimed, offset: pos as u32 };
+        return match verify_record(&buf[pos..], &loc, buf.len() - pos) {
+            Ok((meta, len)) => {
+                let has_key = buf[pos + 12] & crate::format::REC_FLAG_HAS_KEY != 0;
+                Walk::Record { meta, plen: padded(len), has_key, claimed }
+            }
+            Err(_) => Walk::Bad(Some(claimed)),
+        };
+    }
+    if chunk.iter().any(|&b| b != 0) {
+        Walk::Bad(None)
+    } else {
+        Walk::Skip(WALK_STEP)
+    }
 }
 
 /// What a shard's scan produced.

@@ -7,7 +7,10 @@
 //!   sequence unchanged, and the index is repointed. The copies are written with RWF_DSYNC
 //!   and the source's bytes are released only when they complete, so the source returns to
 //!   the free list only once every copy made from it is durable. `defrag-sleep` separates
-//!   two wblocks, bounding defrag's share of the device.
+//!   two wblocks, bounding defrag's share of the device. The wblock read is walked a slice
+//!   at a time, one slice per loop turn, so verifying and copying a whole wblock (up to a
+//!   millisecond of work) never holds the shard's clients up for more than a slice's worth;
+//!   the wblock cannot be freed, and so reused, until its walk ends.
 //! - Tombstones: a tombstone hides older data copies of its digest from a cold start. It is
 //!   dropped only when every data record that a cold start could still find on the devices is
 //!   newer than it (`Shared::data_floor`), so no older copy can exist.
@@ -20,10 +23,10 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use super::{slot, Reply, Shard, WState, DEFRAG};
-use crate::coldstart::scan_wblock;
-use crate::format::RecordMeta;
+use crate::coldstart::{walk_step, Walk, WALK_STEP};
+use crate::format::{RecordMeta, RECORD_HEADER_BYTES, WBLOCK_HEADER_BYTES};
 use crate::index::{IndexEntry, Loc};
-use crate::io::{IoCompletion, IoOp, IoRequest};
+use crate::io::{AlignedBuf, IoCompletion, IoOp, IoRequest};
 use crate::types::ResultCode;
 
 /// Below this share of free wblocks defrag runs without pausing between wblocks.
@@ -32,12 +35,26 @@ const URGENT_AVAIL_PCT: f64 = 20.0;
 /// Most wblocks taken into the queue per refill.
 const QUEUE_REFILL: usize = 64;
 
+/// Bytes of a wblock image walked per loop turn (a sixteenth of a 1 MiB wblock).
+const SLICE_BYTES: usize = 64 * 1024;
+
 #[derive(Default)]
 pub(super) struct DefragState {
     queue: VecDeque<(u32, u32)>,
     /// Wblock reads in flight: tag → (device, wblock).
     pub(super) reads: HashMap<u64, (u32, u32)>,
     next_at: Option<Instant>,
+    /// The wblock being walked (read in full, state `Defrag`).
+    pub(super) job: Option<DefragJob>,
+}
+
+pub(super) struct DefragJob {
+    dev: u32,
+    w: u32,
+    buf: AlignedBuf,
+    /// Where the walk goes on.
+    pos: usize,
+    moved: u64,
 }
 
 impl Shard {
@@ -76,6 +93,10 @@ impl Shard {
 
     /// Start the next wblock's defrag when none is in flight and the pause has passed.
     pub(super) fn defrag_tick(&mut self) {
+        if self.defrag.job.is_some() {
+            self.defrag_slice();
+            return;
+        }
         if !self.defrag.reads.is_empty() || self.read_only {
             return;
         }
@@ -113,29 +134,60 @@ impl Shard {
 
     pub(super) fn defrag_read_done(&mut self, dev: u32, w: u32, c: IoCompletion) {
         let IoOp::Read { buf } = c.op else { unreachable!("defrag issues reads") };
-        let wb = self.wb();
-        let shared = self.shared.clone();
-        let stats = &shared.stats[self.id];
-        self.wstate[dev as usize][w as usize] = WState::Used;
-        // Pause between wblocks to leave the device to clients, unless space is short.
-        let pause = if self.avail_pct() < URGENT_AVAIL_PCT { 0 } else { self.shared.cfg.defrag_sleep_us };
-        self.defrag.next_at = Some(Instant::now() + Duration::from_micros(pause));
         if let Err(e) = c.result {
             tracing::error!("shard {}: defrag read of device {dev} wblock {w} failed: {e}", self.id);
             self.io.free(buf);
+            self.wstate[dev as usize][w as usize] = WState::Used;
+            self.defrag_pause();
             return;
         }
+        let stats = &self.shared.stats[self.id];
         stats.defrag_reads.fetch_add(1, Relaxed);
-        stats.defrag_read_bytes.fetch_add(wb, Relaxed);
+        stats.defrag_read_bytes.fetch_add(self.wb(), Relaxed);
+        self.defrag.job = Some(DefragJob { dev, w, buf, pos: WBLOCK_HEADER_BYTES, moved: 0 });
+        self.defrag_slice();
+    }
+
+    /// Pause between wblocks to leave the device to clients, unless space is short.
+    fn defrag_pause(&mut self) {
+        let pause = if self.avail_pct() < URGENT_AVAIL_PCT { 0 } else { self.shared.cfg.defrag_sleep_us };
+        self.defrag.next_at = Some(Instant::now() + Duration::from_micros(pause));
+    }
+
+    /// Walk the next slice of the wblock being defragmented: every record the index still
+    /// points at (exact location) is copied into the defrag stream and repointed. At the end
+    /// of the wblock the copies are flushed, and the wblock can be freed once they are
+    /// durable.
+    pub(super) fn defrag_slice(&mut self) {
+        let Some(mut job) = self.defrag.job.take() else { return };
+        let (dev, w) = (job.dev, job.w);
+        let wb = self.wb();
         let device_id = self.shared.devs[dev as usize].header.device_id;
-        let scan = scan_wblock(&buf, device_id, dev, w);
         let floor = self.shared.data_floor(self.id);
-        let mut moved = 0u64;
-        for (meta, off, plen, _) in scan.records {
-            let here = Loc { dev, offset: w as u64 * wb + off as u64, size: plen };
+        let shared = self.shared.clone();
+        let stats = &shared.stats[self.id];
+        let slice_end = job.pos + SLICE_BYTES;
+        let mut stopped = false;
+        while job.pos + RECORD_HEADER_BYTES <= job.buf.len() && job.pos < slice_end {
+            let (meta, plen) = match walk_step(&job.buf, job.pos, device_id, dev, w) {
+                Walk::Skip(n) => {
+                    job.pos += n;
+                    continue;
+                }
+                Walk::Bad(_) => {
+                    job.pos += WALK_STEP;
+                    continue;
+                }
+                Walk::Record { meta, plen, .. } => (meta, plen),
+            };
+            let off = job.pos;
+            job.pos += plen;
+            let here = Loc { dev, offset: w as u64 * wb + off as u64, size: plen as u32 };
             if self.shared.shard_of_partition(meta.digest.partition()) != self.id {
                 continue;
             }
+            // Only the copy the index points at is live; anything else here is an older
+            // version, deleted, or a leftover of an earlier use of the wblock.
             let Some(e) = self.index.get(&meta.digest) else { continue };
             if e.loc != here {
                 continue;
@@ -146,20 +198,28 @@ impl Shard {
                 self.release(here);
                 continue;
             }
-            let mut rec = buf[off as usize..off as usize + plen as usize].to_vec();
+            let mut rec = job.buf[off..off + plen].to_vec();
             let new_loc = match self.append(dev, DEFRAG, &mut rec) {
                 Ok(l) => l,
                 Err(rc) => {
                     tracing::warn!("shard {}: defrag of device {dev} wblock {w} stopped: {rc:?}", self.id);
+                    stopped = true;
                     break;
                 }
             };
             self.index.upsert(IndexEntry { loc: new_loc, ..e });
             self.open[slot(dev, DEFRAG)].as_mut().expect("append leaves an open wblock").releases.push(here);
-            moved += plen as u64;
+            job.moved += plen as u64;
+            stats.defrag_write_bytes.fetch_add(plen as u64, Relaxed);
         }
-        self.io.free(buf);
-        stats.defrag_write_bytes.fetch_add(moved, Relaxed);
+        if !stopped && job.pos + RECORD_HEADER_BYTES <= job.buf.len() {
+            self.defrag.job = Some(job);
+            return;
+        }
+        tracing::debug!("shard {}: defrag of device {dev} wblock {w} copied {} bytes", self.id, job.moved);
+        self.io.free(job.buf);
+        self.wstate[dev as usize][w as usize] = WState::Used;
+        self.defrag_pause();
         // Make the copies durable now, so the source can be freed.
         self.flush(slot(dev, DEFRAG), true);
         self.maybe_free(dev, w);

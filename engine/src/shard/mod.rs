@@ -394,6 +394,13 @@ impl Shard {
                 s.records.store(self.index.records(), Relaxed);
                 s.tombstones.store(self.index.tombstones(), Relaxed);
             }
+            if self.stopping.is_some() {
+                // A wblock walk in progress ends now (at most a wblock's worth of work): its
+                // copies are flushed with the rest below.
+                while self.defrag.job.is_some() {
+                    self.defrag_slice();
+                }
+            }
             if let Some(done) = self.stopping.take() {
                 if self.writes.is_empty()
                     && self.fsyncs.is_empty()
@@ -420,9 +427,10 @@ impl Shard {
                     self.stopping = Some(done);
                 }
             }
-            // Nothing left to take from the channel: wait in the ring for a completion, the
-            // doorbell or the next timer, instead of turning with a non-waiting submit.
-            let mut idle = self.rx.is_empty() || self.stopping.is_some();
+            // Nothing left to take from the channel (and no wblock walk going on): wait in the
+            // ring for a completion, the doorbell or the next timer, instead of turning with a
+            // non-waiting submit.
+            let mut idle = (self.rx.is_empty() && self.defrag.job.is_none()) || self.stopping.is_some();
             if self.hook.is_some() && (did > 0 || self.forward_backlog() > 0) {
                 // The hook's sockets are not visible to the channel check: go round again
                 // while it is busy.
