@@ -169,6 +169,12 @@ impl Shard {
         let slice_end = job.pos + SLICE_BYTES;
         let mut stopped = false;
         while job.pos + RECORD_HEADER_BYTES <= job.buf.len() && job.pos < slice_end {
+            if self.read_only {
+                // A failed write latched the shard between slices: copy nothing more (the
+                // wblock keeps what was not copied).
+                stopped = true;
+                break;
+            }
             let (meta, plen) = match walk_step(&job.buf, job.pos, device_id, dev, w) {
                 Walk::Skip(n) => {
                     job.pos += n;
