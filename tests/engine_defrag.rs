@@ -98,7 +98,8 @@ fn steady_state_overwrite_runs_on_a_small_device() {
 }
 
 /// Filling the device stops client writes with OUT_OF_SPACE (8) while reads and deletes go
-/// on; once deletes free space and defrag reclaims it, writes resume by themselves.
+/// on; once deletes free space (whole wblocks free themselves when their tombstones are
+/// written, defrag reclaims partly emptied ones), writes resume by themselves.
 #[test]
 fn stop_writes_engages_and_releases() {
     common::init_logs();
@@ -116,7 +117,8 @@ fn stop_writes_engages_and_releases() {
         }
         assert!(n < 100_000, "the device never filled");
     }
-    eprintln!("device full after {n} records, avail {:.1}%", e.stats().avail_pct);
+    let full_avail = e.stats().avail_pct;
+    eprintln!("device full after {n} records, avail {full_avail:.1}%");
     assert_eq!(version_of(&e, 0), Some(0), "reads go on");
     for k in 0..n * 3 / 4 {
         let r = e.execute(Command::delete(common::digest_of(k).0));
@@ -132,7 +134,13 @@ fn stop_writes_engages_and_releases() {
         assert!(Instant::now() < deadline, "writes never resumed: {:?}", e.stats());
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(e.stats().defrag_reads > 0);
+    let st = e.stats();
+    eprintln!("writes resumed: avail {:.1}%, {} defrag reads", st.avail_pct, st.defrag_reads);
+    assert!(st.avail_pct > full_avail, "no space came back: {st:?}");
+    // The deleted keys filled whole wblocks: those free themselves once the tombstones are
+    // on the device, without a defrag read (which would find nothing to copy). At most the
+    // wblock straddling the end of the deleted range, per shard, is worth reading.
+    assert!(st.defrag_reads <= 2, "{} defrag reads of wblocks that free themselves", st.defrag_reads);
     assert_eq!(version_of(&e, n - 1), Some(n - 1));
 }
 

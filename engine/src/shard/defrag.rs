@@ -1,7 +1,8 @@
 //! Defragmentation, space accounting and expiry, inside the shard loop.
 //!
 //! - A wblock of this shard whose live bytes fall below `defrag-lwm-pct` of its size (and that
-//!   is not in the post-write cache) is queued, emptiest first. One wblock at a time is read
+//!   is not in the post-write cache) is queued, emptiest first, unless all its live bytes
+//!   only wait for the write of their newer copies to be released (it then frees itself). One wblock at a time is read
 //!   whole; every record the index still points at (exact location match) is copied into the
 //!   device's defrag write stream with its checksum re-bound to the new place and its
 //!   sequence unchanged, and the index is repointed. The copies are written with RWF_DSYNC
@@ -68,6 +69,12 @@ impl Shard {
         100.0 * free as f64 / total as f64
     }
 
+    /// Whether every live byte of a wblock waits only for a pending write to be released:
+    /// it then frees itself once those writes land, and reading it would copy nothing.
+    fn frees_itself(&self, dev: u32, w: u32) -> bool {
+        self.shared.live(dev, w) <= self.pending_release[dev as usize][w as usize]
+    }
+
     fn defrag_eligible(&self, dev: u32, w: u32) -> bool {
         let wb = self.wb();
         let live = self.shared.live(dev, w) as u64;
@@ -75,6 +82,7 @@ impl Shard {
             && !self.mem.contains_key(&(dev, w))
             && live > 0
             && live * 100 < self.shared.cfg.defrag_lwm_pct as u64 * wb
+            && !self.frees_itself(dev, w)
     }
 
     fn refill_defrag_queue(&mut self) {
@@ -214,7 +222,7 @@ impl Shard {
                 }
             };
             self.index.upsert(IndexEntry { loc: new_loc, ..e });
-            self.open[slot(dev, DEFRAG)].as_mut().expect("append leaves an open wblock").releases.push(here);
+            self.release_after_flush(slot(dev, DEFRAG), here);
             job.moved += plen as u64;
             stats.defrag_write_bytes.fetch_add(plen as u64, Relaxed);
         }

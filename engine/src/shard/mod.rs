@@ -185,6 +185,11 @@ pub(crate) struct Shard {
     rx: Receiver<Msg>,
     doorbell: Arc<Doorbell>,
     wstate: Vec<Vec<WState>>,
+    /// Per device and wblock: live bytes whose release waits for the write of their newer
+    /// copy (an overwrite, a delete's tombstone, a defrag copy). Defrag leaves a wblock
+    /// whose live bytes are all pending alone: it frees itself once those writes land, and
+    /// reading it would copy nothing.
+    pending_release: Vec<Vec<u32>>,
     free: Vec<VecDeque<u32>>,
     open: Vec<Option<OpenWb>>,
     mem: HashMap<(u32, u32), MemWb>,
@@ -264,6 +269,7 @@ impl Shard {
             wstate.push(st);
             free.push(fl);
         }
+        let pending_release = shared.devs.iter().map(|dev| vec![0; dev.n_wblocks as usize]).collect();
         let cfg = &shared.cfg;
         let per_shard_cache = cfg.post_write_cache_bytes / shared.n_shards as u64;
         let cache_limit = (per_shard_cache / cfg.wblock_bytes as u64) as usize;
@@ -282,6 +288,7 @@ impl Shard {
             rx,
             doorbell,
             wstate,
+            pending_release,
             free,
             open: (0..2 * n_devs).map(|_| None).collect(),
             mem: HashMap::new(),
@@ -689,10 +696,10 @@ impl Shard {
         self.next_seq += 1;
         let old = self.index.upsert_marking_fresh(IndexEntry::of_record(&meta, loc, set_id, key.is_some()));
         self.shared.stats[self.id].client_write_bytes.fetch_add(plen as u64, Relaxed);
-        let open = self.open[slot(dev, CLIENT)].as_mut().expect("append leaves an open wblock");
         if let Some(o) = old {
-            open.releases.push(o.loc);
+            self.release_after_flush(slot(dev, CLIENT), o.loc);
         }
+        let open = self.open[slot(dev, CLIENT)].as_mut().expect("append leaves an open wblock");
         if self.shared.cfg.commit_to_device {
             open.acks.push((cb, reply));
         } else {

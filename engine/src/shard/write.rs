@@ -205,6 +205,19 @@ impl Shard {
 
     // ------------------------------------------------------------------ space
 
+    /// Release `loc` once the write of open wblock `s` (which holds its newer copy) is done.
+    pub(super) fn release_after_flush(&mut self, s: usize, loc: Loc) {
+        let w = (loc.offset / self.wb()) as usize;
+        self.pending_release[loc.dev as usize][w] += loc.size;
+        self.open[s].as_mut().expect("the newer copy's wblock is open").releases.push(loc);
+    }
+
+    fn unpend_release(&mut self, loc: Loc) {
+        let w = (loc.offset / self.wb()) as usize;
+        let p = &mut self.pending_release[loc.dev as usize][w];
+        *p = p.saturating_sub(loc.size);
+    }
+
     pub(super) fn release(&mut self, loc: Loc) {
         let w = (loc.offset / self.wb()) as u32;
         let left = self.shared.sub_live(loc.dev, w, loc.size);
@@ -325,6 +338,7 @@ impl Shard {
                     self.shared.devs[info.dev as usize].min_seq[info.w as usize].store(cur, Relaxed);
                 }
                 for loc in info.releases {
+                    self.unpend_release(loc);
                     self.release(loc);
                 }
                 for (cb, reply) in info.acks {
