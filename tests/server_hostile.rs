@@ -241,14 +241,7 @@ fn pipelined_requests_are_answered_in_order_by_the_thread_front_end() {
 
 /// One info command's value, on a connection of its own.
 fn info(port: u16, cmd: &str) -> String {
-    let mut s = connect(port);
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(&frame(1, format!("{cmd}\n").as_bytes())).unwrap();
-    let mut h = [0u8; 8];
-    s.read_exact(&mut h).unwrap();
-    let mut body = vec![0; (u64::from_be_bytes(h) & 0xffff_ffff) as usize];
-    s.read_exact(&mut body).unwrap();
-    String::from_utf8(body).unwrap()
+    common::info_round_trip(port, &format!("{cmd}\n")).expect("info request")
 }
 
 /// Batch reads of more rows than run at once, some missing, then single commands on the

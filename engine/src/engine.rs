@@ -14,7 +14,7 @@ use crate::error::{DeviceError, EngineError};
 use crate::format::{DeviceHeader, TruncateEntry, HEADER_COPY_STRIDE, HEADER_FLAG_CLEAN};
 use crate::hook::ShardHook;
 use crate::index::{IndexEntry, MAX_DEVICES, MAX_DEVICE_BYTES};
-use crate::io::{run_sync, AlignedBuf, DeviceSet, Doorbell, IoBackend, IoOp, IoRequest, WBuf};
+use crate::io::{run_sync, AlignedBuf, DeviceSet, Doorbell, IoBackend, IoOp, IoRequest, WBuf, Wake};
 use crate::shard::{Msg, Peer, ScanReq, Shard, ShardLinks};
 use crate::shared::{DevShared, EngineStats, SetRegistry, ShardStats, Shared};
 use crate::types::{now_cl_ms, Digest, ResultCode, MAX_SET_NAME_BYTES};
@@ -462,9 +462,8 @@ fn shard_main(
         + 2 * shared.devs.len();
     let mut result: Result<(), String> = Ok(());
     // With a hook, the ring watches the hook's descriptor, which reports the doorbell too.
-    let wake_fd = links.hook.as_ref().map_or(links.doorbell.raw_fd(), |h| h.wake_fd());
-    let mut io: Option<Box<dyn IoBackend>> = match devices.open_backend(Some(wake_fd), cfg.wblock_bytes as usize, slots)
-    {
+    let wake = links.hook.as_ref().map_or(Wake::EventFd(links.doorbell.raw_fd()), |h| Wake::Other(h.wake_fd()));
+    let mut io: Option<Box<dyn IoBackend>> = match devices.open_backend(Some(wake), cfg.wblock_bytes as usize, slots) {
         Ok(io) => Some(io),
         Err(e) => {
             result = Err(e.to_string());

@@ -16,7 +16,7 @@ use io_uring::{opcode, IoUring, Probe};
 
 use super::buf::{AlignedBuf, BUF_ALIGN};
 use super::uring::{memlock_limit, UringBackend};
-use super::{DevId, DeviceInfo, DeviceSet, IoBackend, IoOp, IoRequest};
+use super::{DevId, DeviceInfo, DeviceSet, IoBackend, IoOp, IoRequest, Wake};
 use crate::error::DeviceError;
 
 /// Smallest alignment we ever use, whatever a device reports.
@@ -99,13 +99,13 @@ impl DeviceSet for FileDevices {
 
     fn open_backend(
         &self,
-        doorbell: Option<RawFd>,
+        wake: Option<Wake>,
         arena_slot_bytes: usize,
         arena_slots: usize,
     ) -> Result<Box<dyn IoBackend>, DeviceError> {
         let fds: Vec<RawFd> = self.fds.iter().map(|f| f.as_raw_fd()).collect();
         let backend =
-            UringBackend::new(self.uring_entries, &fds, self.infos.clone(), doorbell, arena_slot_bytes, arena_slots)?;
+            UringBackend::new(self.uring_entries, &fds, self.infos.clone(), wake, arena_slot_bytes, arena_slots)?;
         Ok(Box::new(backend))
     }
 }

@@ -111,16 +111,39 @@ pub trait IoBackend {
     fn describe(&self) -> String;
 }
 
+/// A descriptor a backend watches while it waits, besides its own completions.
+#[derive(Debug, Clone, Copy)]
+pub enum Wake {
+    /// An eventfd (a [`Doorbell`]'s): the backend resets its counter when it fires.
+    EventFd(RawFd),
+    /// Any other pollable descriptor (a shard hook's epoll set, which holds the doorbell):
+    /// its owner resets whatever made it readable.
+    Other(RawFd),
+}
+
+impl Wake {
+    pub fn fd(self) -> RawFd {
+        match self {
+            Wake::EventFd(fd) | Wake::Other(fd) => fd,
+        }
+    }
+
+    /// Whether the backend resets the descriptor's counter when it fires.
+    pub fn drains(self) -> bool {
+        matches!(self, Wake::EventFd(_))
+    }
+}
+
 /// The devices of one namespace, shareable across shard threads.
 pub trait DeviceSet: Send + Sync {
     fn devices(&self) -> &[DeviceInfo];
 
-    /// Create the backend for one shard, on the calling thread. `doorbell` is an eventfd the
-    /// backend watches while waiting (its counter is drained by the backend when it fires).
+    /// Create the backend for one shard, on the calling thread. `wake` is a descriptor the
+    /// backend watches while waiting; its readiness shows as the doorbell being rung.
     /// `arena_slot_bytes`/`arena_slots` ask for a registered buffer arena of that shape.
     fn open_backend(
         &self,
-        doorbell: Option<RawFd>,
+        wake: Option<Wake>,
         arena_slot_bytes: usize,
         arena_slots: usize,
     ) -> Result<Box<dyn IoBackend>, DeviceError>;

@@ -10,14 +10,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::buf::{AlignedBuf, BUF_ALIGN};
 use super::device::assert_request;
 use super::uring::wait_eventfd;
-use super::{DevId, DeviceInfo, DeviceSet, IoBackend, IoCompletion, IoOp, IoRequest};
+use super::{DevId, DeviceInfo, DeviceSet, IoBackend, IoCompletion, IoOp, IoRequest, Wake};
 use crate::error::DeviceError;
 
 /// Granularity of the lazy allocation of a disk's memory.
@@ -324,14 +323,14 @@ impl DeviceSet for SimDevices {
 
     fn open_backend(
         &self,
-        doorbell: Option<RawFd>,
+        wake: Option<Wake>,
         _arena_slot_bytes: usize,
         _arena_slots: usize,
     ) -> Result<Box<dyn IoBackend>, DeviceError> {
         Ok(Box::new(SimBackend {
             disks: self.disks.clone(),
             infos: self.infos.clone(),
-            doorbell,
+            doorbell: wake,
             pending: VecDeque::new(),
             ready: VecDeque::new(),
             rung: false,
@@ -343,7 +342,7 @@ impl DeviceSet for SimDevices {
 pub struct SimBackend {
     disks: Vec<SimDisk>,
     infos: Vec<DeviceInfo>,
-    doorbell: Option<RawFd>,
+    doorbell: Option<Wake>,
     pending: VecDeque<IoRequest>,
     ready: VecDeque<IoCompletion>,
     rung: bool,
@@ -624,7 +623,7 @@ mod tests {
         // SAFETY: raw is a fresh descriptor we own.
         let efd = unsafe { OwnedFd::from_raw_fd(raw) };
         let devs = SimDevices::new(vec![SimDisk::new(1 << 20)], 4096);
-        let mut io = devs.open_backend(Some(efd.as_raw_fd()), 0, 0).unwrap();
+        let mut io = devs.open_backend(Some(Wake::EventFd(efd.as_raw_fd())), 0, 0).unwrap();
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(50));
             let one: u64 = 1;

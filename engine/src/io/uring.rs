@@ -25,7 +25,7 @@ use io_uring::{opcode, squeue, IoUring};
 
 use super::buf::{AlignedBuf, BUF_ALIGN};
 use super::device::{assert_request, explain_setup_error, is_aligned};
-use super::{DevId, DeviceInfo, IoBackend, IoCompletion, IoOp, IoRequest};
+use super::{DevId, DeviceInfo, IoBackend, IoCompletion, IoOp, IoRequest, Wake};
 use crate::error::DeviceError;
 
 /// `user_data` of the doorbell's poll; slab indices never reach it.
@@ -343,12 +343,8 @@ pub(super) struct UringBackend {
     in_kernel: usize,
     /// Bound on `in_kernel`: the CQ size less one entry kept for the doorbell.
     kernel_max: usize,
-    doorbell: Option<RawFd>,
+    doorbell: Option<Wake>,
     doorbell_armed: bool,
-    /// Whether the watched descriptor is an eventfd whose counter a wake-up resets. A hook's
-    /// epoll set is watched instead of the eventfd; reading it fails with EINVAL, which
-    /// turns this off on the first wake-up (its owner resets the eventfd inside it).
-    doorbell_drain: bool,
     rung: bool,
     /// Reusable buffer for CQEs read in one pass.
     cqes: Vec<(u64, i32)>,
@@ -364,7 +360,7 @@ impl UringBackend {
         entries: u32,
         fds: &[RawFd],
         devices: Vec<DeviceInfo>,
-        doorbell: Option<RawFd>,
+        doorbell: Option<Wake>,
         arena_slot_bytes: usize,
         arena_slots: usize,
     ) -> Result<UringBackend, DeviceError> {
@@ -391,7 +387,6 @@ impl UringBackend {
             in_kernel: 0,
             doorbell,
             doorbell_armed: false,
-            doorbell_drain: true,
             rung: false,
             setup_flags,
             buffers_note,
@@ -408,9 +403,9 @@ impl UringBackend {
     /// the SQ and in the CQ budget. What does not fit stays pending.
     fn fill_sq(&mut self) {
         let mut sq = self.ring.submission();
-        if let Some(fd) = self.doorbell.filter(|_| !self.doorbell_armed) {
+        if let Some(wake) = self.doorbell.filter(|_| !self.doorbell_armed) {
             if !sq.is_full() {
-                let e = opcode::PollAdd::new(Fd(fd), libc::POLLIN as u32).build().user_data(DOORBELL);
+                let e = opcode::PollAdd::new(Fd(wake.fd()), libc::POLLIN as u32).build().user_data(DOORBELL);
                 // SAFETY: a poll SQE references no memory of ours, only the eventfd, which
                 // the caller keeps open while the backend lives.
                 unsafe { sq.push(&e) }.expect("SQ has room (checked)");
@@ -473,23 +468,17 @@ impl UringBackend {
 
     fn on_doorbell(&mut self, res: i32) {
         self.doorbell_armed = false;
-        let Some(fd) = self.doorbell else { return };
+        let Some(wake) = self.doorbell else { return };
         if res >= 0 {
-            // The poll reported the descriptor readable, so one non-blocking read resets an
-            // eventfd's counter; no poll(2) first.
-            if self.doorbell_drain {
-                let mut counter: u64 = 0;
-                // SAFETY: reads at most 8 bytes into a live local u64. Only this backend
-                // reads the descriptor, which was just reported readable, so it cannot block.
-                let r = unsafe { libc::read(fd, (&mut counter as *mut u64).cast(), 8) };
-                if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
-                    self.doorbell_drain = false;
-                }
+            // The poll reported the descriptor readable, so one read resets an eventfd's
+            // counter; no poll(2) first.
+            if wake.drains() {
+                drain_eventfd(wake.fd());
             }
             self.rung = true;
         } else if -res != libc::ECANCELED {
             tracing::warn!(
-                fd,
+                fd = wake.fd(),
                 error = %io::Error::from_raw_os_error(-res),
                 "doorbell poll failed; doorbell disabled, waits rely on timeouts"
             );
@@ -765,27 +754,33 @@ impl Drop for UringBackend {
 // ---------------------------------------------------------------------------------------------
 // eventfd helpers (shared with the simulated backend)
 
-/// Wait up to `timeout` (None: without limit) for `fd` to become readable; when it does,
-/// drain its counter (when it is an eventfd) and return true. With `fd` None this just sleeps
-/// for the timeout.
-pub(super) fn wait_eventfd(fd: Option<RawFd>, timeout: Option<Duration>) -> bool {
+/// Wait up to `timeout` (None: without limit) for `wake` to become readable; when it does,
+/// reset it when it is an eventfd and return true. With `wake` None this just sleeps for the
+/// timeout.
+pub(super) fn wait_eventfd(wake: Option<Wake>, timeout: Option<Duration>) -> bool {
     let ms: libc::c_int = match timeout {
         None => -1,
         Some(d) => d.as_nanos().div_ceil(1_000_000).min(libc::c_int::MAX as u128) as libc::c_int,
     };
     // poll ignores entries with a negative fd, which turns the call into a plain sleep.
-    let mut pfd = libc::pollfd { fd: fd.unwrap_or(-1), events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd { fd: wake.map_or(-1, Wake::fd), events: libc::POLLIN, revents: 0 };
     // SAFETY: pfd is a live pollfd and nfds is 1.
     let n = unsafe { libc::poll(&mut pfd, 1, ms) };
     if n != 1 || pfd.revents & libc::POLLIN == 0 {
         return false;
     }
-    let mut counter: u64 = 0;
-    // SAFETY: reads at most 8 bytes into a live local u64. The fd was just reported readable
-    // and only this backend reads it, so the read does not block. (On an epoll set, which a
-    // hook gives instead of an eventfd, it fails harmlessly.)
-    unsafe { libc::read(pfd.fd, (&mut counter as *mut u64).cast(), 8) };
+    if wake.is_some_and(Wake::drains) {
+        drain_eventfd(pfd.fd);
+    }
     true
+}
+
+/// Reset the counter of an eventfd reported readable.
+fn drain_eventfd(fd: RawFd) {
+    let mut counter: u64 = 0;
+    // SAFETY: reads at most 8 bytes into a live local u64. The eventfd was just reported
+    // readable and only its backend reads it, so the read does not block.
+    unsafe { libc::read(fd, (&mut counter as *mut u64).cast(), 8) };
 }
 
 #[cfg(test)]
@@ -812,7 +807,7 @@ mod tests {
         (devs, TempFile(path))
     }
 
-    fn backend(devs: &FileDevices, entries: u32, doorbell: Option<RawFd>, slot: usize, slots: usize) -> UringBackend {
+    fn backend(devs: &FileDevices, entries: u32, doorbell: Option<Wake>, slot: usize, slots: usize) -> UringBackend {
         let fds: Vec<RawFd> = (0..devs.devices().len() as u32).map(|d| devs.device_fd(d)).collect();
         UringBackend::new(entries, &fds, devs.devices().to_vec(), doorbell, slot, slots).unwrap()
     }
@@ -1028,7 +1023,7 @@ mod tests {
     fn doorbell_wakes_a_waiting_backend() {
         let (devs, _f) = file_devices("doorbell", 1 << 20);
         let efd = eventfd();
-        let mut io = backend(&devs, 8, Some(efd.as_raw_fd()), 0, 0);
+        let mut io = backend(&devs, 8, Some(Wake::EventFd(efd.as_raw_fd())), 0, 0);
         for round in 0..3 {
             let raw = efd.as_raw_fd();
             let ringer = std::thread::spawn(move || {

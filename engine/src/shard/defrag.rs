@@ -1,17 +1,18 @@
 //! Defragmentation, space accounting and expiry, inside the shard loop.
 //!
-//! - A wblock of this shard whose live bytes fall below `defrag-lwm-pct` of its size (and that
-//!   is not in the post-write cache) is queued, emptiest first, unless all its live bytes
-//!   only wait for the write of their newer copies to be released (it then frees itself). One wblock at a time is read
-//!   whole; every record the index still points at (exact location match) is copied into the
-//!   device's defrag write stream with its checksum re-bound to the new place and its
-//!   sequence unchanged, and the index is repointed. The copies are written with RWF_DSYNC
-//!   and the source's bytes are released only when they complete, so the source returns to
-//!   the free list only once every copy made from it is durable. `defrag-sleep` separates
-//!   two wblocks, bounding defrag's share of the device. The wblock read is walked a slice
-//!   at a time, one slice per loop turn, so verifying and copying a whole wblock (up to a
-//!   millisecond of work) never holds the shard's clients up for more than a slice's worth;
-//!   the wblock cannot be freed, and so reused, until its walk ends.
+//! - A wblock of this shard whose live bytes fall below `defrag-lwm-pct` of its size (and
+//!   that is not in the post-write cache) is queued, emptiest first, unless all its live
+//!   bytes only wait for the write of their newer copies to be released (it then frees
+//!   itself). One wblock at a time is read whole; every record the index still points at
+//!   (exact location match) is copied into the device's defrag write stream with its
+//!   checksum re-bound to the new place and its sequence unchanged, and the index is
+//!   repointed. The copies are written with RWF_DSYNC and the source's bytes are released
+//!   only when they complete, so the source returns to the free list only once every copy
+//!   made from it is durable. `defrag-sleep` separates two wblocks, bounding defrag's share
+//!   of the device. The wblock read is walked a slice at a time, one slice per loop turn,
+//!   so verifying and copying a whole wblock (up to a millisecond of work) never holds the
+//!   shard's clients up for more than a slice's worth; the wblock cannot be freed, and so
+//!   reused, until its walk ends.
 //! - Tombstones: a tombstone hides older data copies of its digest from a cold start. It is
 //!   dropped only when every data record that a cold start could still find on the devices is
 //!   newer than it (`Shared::data_floor`), so no older copy can exist.
@@ -176,6 +177,7 @@ impl Shard {
         let stats = &shared.stats[self.id];
         let slice_end = job.pos + SLICE_BYTES;
         let mut stopped = false;
+        let mut moved = 0u64;
         while job.pos + RECORD_HEADER_BYTES <= job.buf.len() && job.pos < slice_end {
             if self.read_only {
                 // A failed write latched the shard between slices: copy nothing more (the
@@ -212,8 +214,9 @@ impl Shard {
                 self.release(here);
                 continue;
             }
-            let mut rec = job.buf[off..off + plen].to_vec();
-            let new_loc = match self.append(dev, DEFRAG, &mut rec) {
+            // The image is the job's own and the walk is past this record: re-bind it in
+            // place rather than through a copy.
+            let new_loc = match self.append(dev, DEFRAG, &mut job.buf[off..off + plen]) {
                 Ok(l) => l,
                 Err(rc) => {
                     tracing::warn!("shard {}: defrag of device {dev} wblock {w} stopped: {rc:?}", self.id);
@@ -223,9 +226,10 @@ impl Shard {
             };
             self.index.upsert(IndexEntry { loc: new_loc, ..e });
             self.release_after_flush(slot(dev, DEFRAG), here);
-            job.moved += plen as u64;
-            stats.defrag_write_bytes.fetch_add(plen as u64, Relaxed);
+            moved += plen as u64;
         }
+        job.moved += moved;
+        stats.defrag_write_bytes.fetch_add(moved, Relaxed);
         if !stopped && job.pos + RECORD_HEADER_BYTES <= job.buf.len() {
             self.defrag.job = Some(job);
             return;
