@@ -5,7 +5,7 @@
 //! cargo bench --bench engine_vs_fio -- [--size 4G] [--seconds 8] [--runs 3]
 //!                                      [--device /dev/loopN | --file PATH]
 //!                                      [--threads 2] [--inflight 256] [--qd 32] [--shards N]
-//!                                      [--post-write-cache 0]
+//!                                      [--post-write-cache 0] [--driver shard|threads]
 //! ```
 //!
 //! By default (as root, with losetup) it creates a sparse image under the cargo target
@@ -13,26 +13,38 @@
 //! Ctrl-C. Each run measures, on that device:
 //!
 //! 1. fio sequential writes (bs = write-block-size, O_DIRECT, io_uring, iodepth 4) against
-//!    engine puts of 1536-byte records (random digests, `--inflight` requests in flight from
-//!    `--threads` submitters) in buffered mode, the elapsed time including the final flush;
+//!    engine puts of 1536-byte records (random digests, `--inflight` requests in flight) in
+//!    buffered mode, the elapsed time including the final flush;
 //! 2. fio 4 KiB random reads at queue depth `--qd` over the region fio wrote, against engine
 //!    gets of random records written in step 1 (post-write-cache 0) with `--qd` in flight;
-//! 3. engine commit-to-device puts against the buffered puts of step 1.
+//! 3. engine commit-to-device puts against the buffered puts of step 1, next to fio
+//!    sequential O_DSYNC writes (128 KiB, iodepth 8), the device's limit for durable writes.
+//!
+//! The load comes from a driver inside each shard's loop by default (`--driver shard`: a
+//! [`ShardHook`], the way the server's front-end drives the engine, each shard working on
+//! records of its own partitions), or from `--threads` submitter threads calling
+//! `Engine::submit` (`--driver threads`: every command and reply crosses threads).
 //!
 //! The device is discarded (holes punched) before each write phase, so fio and the engine
 //! both write into unallocated space of the image and both read allocated space.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Command as Proc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+// The allocator the ferrospike binary uses.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use crossbeam_channel::RecvTimeoutError;
 use ferrospike_engine::format::{padded, record_len};
-use ferrospike_engine::io::{open_devices, DeviceSet, DeviceSpec};
+use ferrospike_engine::hook::{HookCtx, ShardHook};
+use ferrospike_engine::io::{open_devices, DeviceSet, DeviceSpec, Doorbell};
 use ferrospike_engine::{Bin, Command, Digest, Engine, EngineConfig, EngineStats, ResultCode, Value};
 use hdrhistogram::Histogram;
 
@@ -47,6 +59,9 @@ const GOAL_COMMIT_VS_BUFFERED: f64 = 0.70;
 /// Puts stop when fewer than this fraction of the engine's wblocks is free (the engine has no
 /// defragmenter yet, and running out of space is not what is measured).
 const MIN_FREE_FRACTION: f64 = 0.12;
+/// fio's durable-write reference: O_DSYNC writes of this size with this many in flight.
+const FIO_DSYNC_BS: usize = 128 << 10;
+const FIO_DSYNC_QD: usize = 8;
 /// Delay before a put answered DEVICE_OVERLOAD is sent again, as a client would.
 const OVERLOAD_RETRY: Duration = Duration::from_micros(500);
 
@@ -95,7 +110,7 @@ fn main() {
 }
 
 const USAGE: &str = "usage: cargo bench --bench engine_vs_fio -- [--size 4G] [--seconds 8] [--runs 3] \
-[--device /dev/loopN | --file PATH] [--threads 2] [--inflight 256] [--qd 32] [--shards N] [--post-write-cache 0]";
+[--device /dev/loopN | --file PATH] [--threads 2] [--inflight 256] [--qd 32] [--shards N] [--post-write-cache 0] [--driver shard|threads]";
 
 struct Args {
     size: u64,
@@ -109,6 +124,7 @@ struct Args {
     shards: Option<usize>,
     /// `post-write-cache` of the engine (0 by default, so gets miss every cache).
     post_write_cache: u64,
+    driver: Driver,
 }
 
 impl Args {
@@ -124,6 +140,7 @@ impl Args {
             qd: 32,
             shards: None,
             post_write_cache: 0,
+            driver: Driver::Shard,
         };
         while let Some(k) = it.next() {
             if k == "--bench" {
@@ -150,6 +167,13 @@ impl Args {
                 "--post-write-cache" => {
                     a.post_write_cache = ferrospike_engine::config::parse_size(&v)
                         .ok_or(format!("--post-write-cache: bad size '{v}'"))?
+                }
+                "--driver" => {
+                    a.driver = match v.as_str() {
+                        "shard" => Driver::Shard,
+                        "threads" => Driver::Threads,
+                        _ => return Err(format!("--driver: '{v}' is neither 'shard' nor 'threads'")),
+                    }
                 }
                 _ => return Err(format!("unknown option {k}")),
             }
@@ -381,10 +405,14 @@ fn environment(args: &Args, t: &Target, cfg: &EngineConfig, fio: Option<&str>) -
         cfg.max_write_cache_bytes >> 20,
         cfg.flush_max_ms
     );
+    let from = match args.driver {
+        Driver::Shard => "a driver inside each shard's loop (--driver shard)".to_string(),
+        Driver::Threads => format!("{} submitter threads (--driver threads)", args.threads),
+    };
     let _ = writeln!(
         s,
-        "  load                puts: {} submitter threads, {} in flight; gets: {} in flight; fio randread iodepth {}",
-        args.threads, args.inflight, args.qd, args.qd
+        "  load                from {from}; puts: {} in flight; gets: {} in flight; fio randread iodepth {}",
+        args.inflight, args.qd, args.qd
     );
     let _ = writeln!(
         s,
@@ -791,30 +819,45 @@ fn drive(
             .expect("spawn submitter");
         handles.push(h);
     }
-    let total_wblocks = stats_before.total_wblocks.max(1);
-    let mut ended = "time";
+    let ended =
+        wait_phase(engine, matches!(kind, Kind::Put { .. }), deadline, || handles.iter().all(|h| h.is_finished()));
+    stop.store(true, Ordering::Relaxed);
+    let results = handles.into_iter().map(|h| h.join().expect("submitter thread panicked")).collect();
+    finish_load(engine, results, stats_before, cpu_before, ru_before, start, ended, flush_at_end)
+}
+
+/// Wait until `deadline`, Ctrl-C, (puts) the free-space floor or `finished()`; returns why.
+fn wait_phase(engine: &Engine, put: bool, deadline: Instant, finished: impl Fn() -> bool) -> &'static str {
+    let total_wblocks = engine.stats().total_wblocks.max(1);
     loop {
         std::thread::sleep(Duration::from_millis(5));
         if interrupted() {
-            ended = "interrupted";
-            break;
+            return "interrupted";
         }
         if Instant::now() >= deadline {
-            break;
+            return "time";
         }
-        if matches!(kind, Kind::Put { .. }) {
-            let free = engine.stats().free_wblocks;
-            if (free as f64) < MIN_FREE_FRACTION * total_wblocks as f64 {
-                ended = "device full";
-                break;
-            }
+        if put && (engine.stats().free_wblocks as f64) < MIN_FREE_FRACTION * total_wblocks as f64 {
+            return "device full";
         }
-        if handles.iter().all(|h| h.is_finished()) {
-            ended = "submitters done";
-            break;
+        if finished() {
+            return "submitters done";
         }
     }
-    stop.store(true, Ordering::Relaxed);
+}
+
+/// Sum the drivers' results and the engine's counters over a phase.
+#[allow(clippy::too_many_arguments)]
+fn finish_load(
+    engine: &Engine,
+    results: Vec<SubmitterResult>,
+    stats_before: EngineStats,
+    cpu_before: (f64, f64),
+    ru_before: [u64; 3],
+    start: Instant,
+    ended: &'static str,
+    flush_at_end: bool,
+) -> LoadResult {
     let mut r = LoadResult {
         ok: 0,
         overloads: 0,
@@ -829,8 +872,7 @@ fn drive(
         submit_cpu: 0.0,
         rusage: [0; 3],
     };
-    for h in handles {
-        let s = h.join().expect("submitter thread panicked");
+    for s in results {
         r.ok += s.ok;
         r.overloads += s.overloads;
         r.errors += s.errors;
@@ -974,18 +1016,38 @@ fn engine_run(t: &Target, args: &Args, commit: bool, with_gets: bool, payload: &
     let cfg = engine_config(args, commit);
     let t0 = Instant::now();
     let devs: Arc<dyn DeviceSet> = Arc::new(open_devices(&[t.spec()], cfg.ring_entries).map_err(|e| e.to_string())?);
-    let engine = Arc::new(Engine::open(cfg, devs).map_err(|e| e.to_string())?);
+    let ctl = Arc::new(Ctl::default());
+    let hooks: Vec<Box<dyn ShardHook>> = match args.driver {
+        Driver::Shard => (0..cfg.shards).map(|i| Box::new(ShardDriver::new(i, ctl.clone())) as _).collect(),
+        Driver::Threads => Vec::new(),
+    };
+    let engine = Arc::new(Engine::open_with_hooks(cfg, devs, hooks).map_err(|e| e.to_string())?);
     let open_secs = t0.elapsed().as_secs_f64();
     let salt = splitmix(rand::random());
-    let put =
-        drive(&engine, &Kind::Put { payload: payload.clone() }, salt, args.threads, args.inflight, args.seconds, true);
+    let put = match args.driver {
+        Driver::Shard => drive_in_shard(&engine, &ctl, Some(payload.clone()), salt, args.inflight, args.seconds, true),
+        Driver::Threads => drive(
+            &engine,
+            &Kind::Put { payload: payload.clone() },
+            salt,
+            args.threads,
+            args.inflight,
+            args.seconds,
+            true,
+        ),
+    };
     if interrupted() {
         return Err("interrupted".into());
     }
     let get = if with_gets && put.errors == 0 && put.ok > 0 {
         // Records are numbered densely from 0, and every one was retried until acknowledged.
         let written = put.ok;
-        Some(drive(&engine, &Kind::Get { written }, salt, args.threads.min(args.qd), args.qd, args.seconds, false))
+        Some(match args.driver {
+            Driver::Shard => drive_in_shard(&engine, &ctl, None, salt, args.qd, args.seconds, false),
+            Driver::Threads => {
+                drive(&engine, &Kind::Get { written }, salt, args.threads.min(args.qd), args.qd, args.seconds, false)
+            }
+        })
     } else {
         None
     };
@@ -996,6 +1058,275 @@ fn engine_run(t: &Target, args: &Args, commit: bool, with_gets: bool, payload: &
         return Err("interrupted".into());
     }
     Ok(EngineRun { open_secs, put, get })
+}
+
+// ------------------------------------------------------------------------- in-shard driver
+
+/// Where the load comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Driver {
+    /// A load generator inside each shard's loop (a [`ShardHook`]), the way the server's
+    /// front-end drives the engine: each shard works on records of its own partitions, so
+    /// commands and replies never cross threads.
+    Shard,
+    /// Submitter threads calling [`Engine::submit`]: every command and every reply crosses
+    /// threads (the API the tools use).
+    Threads,
+}
+
+/// One load phase as the in-shard drivers see it.
+#[derive(Clone)]
+struct Phase {
+    put: Option<Arc<Vec<u8>>>,
+    /// Commands each shard keeps in flight (index: shard).
+    depth: Vec<usize>,
+    salt: u64,
+}
+
+/// What the main thread and the in-shard drivers share.
+#[derive(Default)]
+struct Ctl {
+    /// Bumped (after `phase` is set) to start a phase.
+    epoch: AtomicU64,
+    phase: Mutex<Option<Phase>>,
+    /// Set to end the phase: drivers stop starting commands, finish what is in flight
+    /// (overloaded puts are retried to the end) and hand in their results.
+    stop: AtomicBool,
+    bells: Mutex<Vec<Arc<Doorbell>>>,
+    done: Mutex<Vec<SubmitterResult>>,
+}
+
+impl Ctl {
+    fn ring_all(&self) {
+        for b in self.bells.lock().expect("bells").iter() {
+            b.ring();
+        }
+    }
+}
+
+/// Counters the driver's callbacks update (they run on the same shard thread, so the lock is
+/// never contended).
+struct DriverState {
+    in_flight: usize,
+    /// Puts answered DEVICE_OVERLOAD, sent again on the next turn: (record, first submission).
+    retries: Vec<(u64, Instant)>,
+    /// Replies other than DEVICE_OVERLOAD since the previous turn.
+    answered: u64,
+    res: SubmitterResult,
+}
+
+fn empty_result() -> SubmitterResult {
+    SubmitterResult { ok: 0, overloads: 0, errors: 0, first_error: None, hist: new_hist(), cpu: 0.0 }
+}
+
+struct ShardDriver {
+    id: usize,
+    ctl: Arc<Ctl>,
+    /// An epoll set holding the shard's doorbell: the descriptor the shard's ring watches.
+    epoll: OwnedFd,
+    bell: Option<Arc<Doorbell>>,
+    seen: u64,
+    phase: Option<Phase>,
+    st: Arc<Mutex<DriverState>>,
+    /// Records this shard's puts numbered so far (all acknowledged when a put phase ends).
+    next: u64,
+    /// Records written by the last put phase.
+    written: u64,
+    rng: u64,
+    blen: usize,
+}
+
+impl ShardDriver {
+    fn new(id: usize, ctl: Arc<Ctl>) -> ShardDriver {
+        // SAFETY: epoll_create1 has no memory-safety preconditions; the result is checked.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(fd >= 0, "epoll_create1: {}", std::io::Error::last_os_error());
+        ShardDriver {
+            id,
+            ctl,
+            // SAFETY: fd is a freshly created descriptor that nothing else owns.
+            epoll: unsafe { OwnedFd::from_raw_fd(fd) },
+            bell: None,
+            seen: 0,
+            phase: None,
+            st: Arc::new(Mutex::new(DriverState {
+                in_flight: 0,
+                retries: Vec::new(),
+                answered: 0,
+                res: empty_result(),
+            })),
+            next: 0,
+            written: 0,
+            rng: splitmix(id as u64 + 1),
+            blen: blob_len(),
+        }
+    }
+
+    /// The digest of this shard's record `i`: the first of a disjoint run of candidates that
+    /// falls in one of this shard's partitions.
+    fn digest(&self, ctx: &HookCtx<'_>, salt: u64, i: u64) -> Digest {
+        let salt = salt ^ splitmix(self.id as u64 + 0x5eed);
+        for k in 0..1u64 << 20 {
+            let d = digest_of(salt, i << 20 | k);
+            if ctx.shard_of(&d) == self.id {
+                return d;
+            }
+        }
+        panic!("shard {} owns no partition", self.id);
+    }
+
+    fn submit(&self, ctx: &mut HookCtx<'_>, p: &Phase, idx: u64, first: Instant) {
+        let d = self.digest(ctx, p.salt, idx);
+        self.st.lock().expect("driver state").in_flight += 1;
+        let st = self.st.clone();
+        match &p.put {
+            Some(payload) => {
+                let cmd = Command::put(d, SET, vec![Bin::new(BIN, Value::Blob(payload.as_ref().clone()))]);
+                ctx.submit(cmd, move |r| {
+                    let mut s = st.lock().expect("driver state");
+                    s.in_flight -= 1;
+                    if r.result == ResultCode::DeviceOverload {
+                        s.res.overloads += 1;
+                        s.retries.push((idx, first));
+                        return;
+                    }
+                    s.answered += 1;
+                    if r.result == ResultCode::Ok {
+                        s.res.ok += 1;
+                        s.res.hist.saturating_record(first.elapsed().as_nanos() as u64);
+                    } else {
+                        s.res.errors += 1;
+                        s.res.first_error.get_or_insert(r.result);
+                    }
+                });
+            }
+            None => {
+                let blen = self.blen;
+                ctx.submit(Command::get(d), move |r| {
+                    let ok_len = matches!(r.bin(BIN), Some(Value::Blob(b)) if b.len() == blen);
+                    let mut s = st.lock().expect("driver state");
+                    s.in_flight -= 1;
+                    s.answered += 1;
+                    if r.result == ResultCode::Ok && ok_len {
+                        s.res.ok += 1;
+                        s.res.hist.saturating_record(first.elapsed().as_nanos() as u64);
+                    } else {
+                        s.res.errors += 1;
+                        s.res.first_error.get_or_insert(r.result);
+                    }
+                });
+            }
+        }
+    }
+}
+
+impl ShardHook for ShardDriver {
+    fn wake_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    fn start(&mut self, doorbell: Arc<Doorbell>) {
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: 0 };
+        // SAFETY: both descriptors are open; `ev` is a live epoll_event.
+        let rc = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, doorbell.raw_fd(), &mut ev) };
+        assert_eq!(rc, 0, "epoll_ctl: {}", std::io::Error::last_os_error());
+        self.ctl.bells.lock().expect("bells").push(doorbell.clone());
+        self.bell = Some(doorbell);
+    }
+
+    fn turn(&mut self, ctx: &mut HookCtx<'_>) -> bool {
+        if ctx.woken() {
+            if let Some(b) = &self.bell {
+                let mut v: u64 = 0;
+                // SAFETY: reads at most 8 bytes into a live u64; the eventfd is non-blocking.
+                unsafe { libc::read(b.raw_fd(), (&mut v as *mut u64).cast(), 8) };
+            }
+        }
+        let epoch = self.ctl.epoch.load(Ordering::Acquire);
+        if epoch != self.seen {
+            self.seen = epoch;
+            self.phase = self.ctl.phase.lock().expect("phase").clone();
+            let mut s = self.st.lock().expect("driver state");
+            s.res = empty_result();
+            s.answered = 0;
+            if self.phase.as_ref().is_some_and(|p| p.put.is_some()) {
+                self.next = 0;
+            }
+        }
+        let Some(p) = self.phase.clone() else { return false };
+        let stopping = self.ctl.stop.load(Ordering::Acquire);
+        let (retries, in_flight, answered) = {
+            let mut s = self.st.lock().expect("driver state");
+            (std::mem::take(&mut s.retries), s.in_flight, std::mem::take(&mut s.answered))
+        };
+        let mut did = answered > 0;
+        let mut in_flight = in_flight + retries.len();
+        // Overloaded puts go again (even after the phase ends, so records 0..next all exist).
+        for (idx, first) in retries {
+            self.submit(ctx, &p, idx, first);
+        }
+        let depth = p.depth[self.id];
+        while !stopping && in_flight < depth {
+            let idx = if p.put.is_some() {
+                self.next += 1;
+                self.next - 1
+            } else if self.written > 0 {
+                self.rng = splitmix(self.rng);
+                self.rng % self.written
+            } else {
+                break;
+            };
+            self.submit(ctx, &p, idx, Instant::now());
+            in_flight += 1;
+            did = true;
+        }
+        let s = &mut *self.st.lock().expect("driver state");
+        if stopping && s.in_flight == 0 && s.retries.is_empty() {
+            if p.put.is_some() {
+                self.written = self.next;
+            }
+            // (`cpu` stays 0: this ran on the shard thread, counted as shard CPU.)
+            self.ctl.done.lock().expect("done").push(std::mem::replace(&mut s.res, empty_result()));
+            self.phase = None;
+        }
+        did
+    }
+}
+
+/// [`drive`] with the in-shard drivers: start a phase, wait for its end, collect.
+fn drive_in_shard(
+    engine: &Arc<Engine>,
+    ctl: &Ctl,
+    put: Option<Arc<Vec<u8>>>,
+    salt: u64,
+    inflight: usize,
+    seconds: f64,
+    flush_at_end: bool,
+) -> LoadResult {
+    let shards = engine.config().shards;
+    let stats_before = engine.stats();
+    let cpu_before = threads_cpu("shard-");
+    let ru_before = rusage();
+    let is_put = put.is_some();
+    let depth = (0..shards).map(|s| inflight / shards + usize::from(s < inflight % shards)).collect();
+    ctl.done.lock().expect("done").clear();
+    ctl.stop.store(false, Ordering::Release);
+    *ctl.phase.lock().expect("phase") = Some(Phase { put, depth, salt });
+    let start = Instant::now();
+    ctl.epoch.fetch_add(1, Ordering::AcqRel);
+    ctl.ring_all();
+    let ended = wait_phase(engine, is_put, start + Duration::from_secs_f64(seconds), || false);
+    ctl.stop.store(true, Ordering::Release);
+    ctl.ring_all();
+    let mut results = Vec::new();
+    let give_up = Instant::now() + Duration::from_secs(60);
+    while results.len() < shards {
+        results.append(&mut ctl.done.lock().expect("done"));
+        assert!(Instant::now() < give_up, "in-shard drivers did not finish their phase within 60 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    *ctl.phase.lock().expect("phase") = None;
+    finish_load(engine, results, stats_before, cpu_before, ru_before, start, ended, flush_at_end)
 }
 
 // ------------------------------------------------------------------------------------ reporting
@@ -1095,6 +1426,9 @@ struct Report {
     cput_bw: Series,
     cput_ratio: Series,
     cput_lat: LatSeries,
+    fio_dw_bw: Series,
+    fio_dw_lat: LatSeries,
+    cput_vs_fio: Series,
     notes: Vec<String>,
 }
 
@@ -1176,6 +1510,7 @@ fn run(args: &Args) -> Res<()> {
         // 1a, 2a: fio sequential writes, then random reads over what it wrote.
         let mut fio_w = None;
         let mut fio_r = None;
+        let mut fio_dw = None;
         if fio.is_some() {
             target.reset()?;
             let w = run_fio(
@@ -1208,8 +1543,27 @@ fn run(args: &Args) -> Res<()> {
                 "read",
             )?;
             eprintln!("  fio rand read   {} IOPS", num(r.iops));
+            // The device's own limit for durable writes, the reference for commit-to-device:
+            // O_DSYNC writes of about the size and number in flight of the engine's group
+            // commits (tens of KiB, a few per shard).
+            target.reset()?;
+            let dw = run_fio(
+                &target,
+                &[
+                    "--name=dsyncwrite".into(),
+                    "--rw=write".into(),
+                    format!("--bs={}k", FIO_DSYNC_BS >> 10),
+                    format!("--iodepth={FIO_DSYNC_QD}"),
+                    "--sync=dsync".into(),
+                    format!("--size={}", target.size),
+                    format!("--runtime={secs}"),
+                ],
+                "write",
+            )?;
+            eprintln!("  fio dsync write {} MB/s", mbs(dw.bw));
             fio_w = Some(w);
             fio_r = Some(r);
+            fio_dw = Some(dw);
         }
         if interrupted() {
             return Err("interrupted".into());
@@ -1250,6 +1604,11 @@ fn run(args: &Args) -> Res<()> {
         rep.cput_bw.push(c.put.rate() * RECORD_BYTES as f64);
         rep.cput_lat.push(c.put.lat());
         rep.cput_ratio.push(c.put.rate() / b.put.rate());
+        if let Some(dw) = &fio_dw {
+            rep.fio_dw_bw.push(dw.bw);
+            rep.fio_dw_lat.push(dw.lat);
+            rep.cput_vs_fio.push(c.put.rate() * RECORD_BYTES as f64 / dw.bw);
+        }
     }
     println!("{}", render(args, &env, &rep));
     Ok(())
@@ -1292,9 +1651,13 @@ fn render(args: &Args, env: &str, r: &Report) -> String {
     let _ = writeln!(s, "{}", row("commit-to-device puts records/s", r.cput_rate.mmm(num)));
     let _ = writeln!(s, "{}", row("commit-to-device puts MB/s", r.cput_bw.mmm(mbs)));
     let _ = writeln!(s, "{}", row("ratio commit / buffered", r.cput_ratio.mmm(ratio)));
+    let fio_dw = format!("fio O_DSYNC write MB/s ({} KiB, qd {FIO_DSYNC_QD})", FIO_DSYNC_BS >> 10);
+    let _ = writeln!(s, "{}", row(&fio_dw, r.fio_dw_bw.mmm(mbs)));
+    let _ = writeln!(s, "{}", row("ratio commit puts MB/s / fio O_DSYNC", r.cput_vs_fio.mmm(ratio)));
     let _ = writeln!(s, "{lhdr}");
     let _ = writeln!(s, "{}", row("  buffered put", r.put_lat.show()));
     let _ = writeln!(s, "{}", row("  commit-to-device put", r.cput_lat.show()));
+    let _ = writeln!(s, "{}", row("  fio O_DSYNC write (clat)", r.fio_dw_lat.show()));
 
     let _ = writeln!(s, "\ngoals (issue 2), judged on the median ratio");
     let goal = |name: &str, g: f64, v: &Series| {

@@ -65,6 +65,12 @@ impl HookCtx<'_> {
         self.shard.id()
     }
 
+    /// The shard that owns a digest's partition (commands for it submitted here run at once
+    /// when that is this shard).
+    pub fn shard_of(&self, d: &Digest) -> usize {
+        self.shard.owner_of(d)
+    }
+
     /// Run a command on the shard that owns its digest; `cb` gets the reply on that shard's
     /// thread (at once, possibly before `submit` returns, when it is this shard).
     pub fn submit(&mut self, cmd: Command, cb: impl FnOnce(Reply) + Send + 'static) {

@@ -727,6 +727,10 @@ impl Shard {
         }
     }
 
+    pub(crate) fn owner_of(&self, d: &Digest) -> usize {
+        self.shared.shard_of_partition(d.partition())
+    }
+
     fn hook_pending(&self) -> bool {
         self.hook.as_ref().is_some_and(|h| h.pending())
     }
