@@ -137,10 +137,12 @@ fn stop_writes_engages_and_releases() {
     let st = e.stats();
     eprintln!("writes resumed: avail {:.1}%, {} defrag reads", st.avail_pct, st.defrag_reads);
     assert!(st.avail_pct > full_avail, "no space came back: {st:?}");
-    // The deleted keys filled whole wblocks: those free themselves once the tombstones are
-    // on the device, without a defrag read (which would find nothing to copy). At most the
-    // wblock straddling the end of the deleted range, per shard, is worth reading.
-    assert!(st.defrag_reads <= 2, "{} defrag reads of wblocks that free themselves", st.defrag_reads);
+    // The deleted keys filled whole wblocks (about 90 of them): those free themselves once
+    // the tombstones are on the device, without a defrag read (which would find nothing to
+    // copy; 163 reads when that check was missing). Worth reading: the wblock straddling the
+    // end of the deleted range, per shard, and now and then one that defrag looked at while
+    // the deletes were halfway through it (0 to 4 such reads seen, by timing).
+    assert!(st.defrag_reads <= 16, "{} defrag reads of wblocks that free themselves", st.defrag_reads);
     assert_eq!(version_of(&e, n - 1), Some(n - 1));
 }
 
