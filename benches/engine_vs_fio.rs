@@ -1468,15 +1468,18 @@ fn describe_load(name: &str, r: &LoadResult) -> String {
     }
     let secs = r.elapsed.as_secs_f64();
     let per_op = |cpu: f64| if r.ok > 0 { cpu / r.ok as f64 * 1e6 } else { f64::NAN };
+    let load = if r.submit_cpu > 0.0 {
+        format!("submitters {:.0}% ({:.2} us/op)", r.submit_cpu / secs * 100.0, per_op(r.submit_cpu))
+    } else {
+        "load generated inside the shard loops (in the shards' CPU)".to_string()
+    };
     let _ = write!(
         s,
-        "; CPU: shards {:.0}% user + {:.0}% sys of a core ({:.2} us/op), submitters {:.0}% ({:.2} us/op); \
+        "; CPU: shards {:.0}% user + {:.0}% sys of a core ({:.2} us/op), {load}; \
          minor faults {}, context switches {} voluntary {} involuntary",
         r.shard_cpu.0 / secs * 100.0,
         r.shard_cpu.1 / secs * 100.0,
         per_op(r.shard_cpu.0 + r.shard_cpu.1),
-        r.submit_cpu / secs * 100.0,
-        per_op(r.submit_cpu),
         r.rusage[0],
         r.rusage[1],
         r.rusage[2]
