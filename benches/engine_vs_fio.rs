@@ -45,7 +45,7 @@ use crossbeam_channel::RecvTimeoutError;
 use ferrospike_engine::format::{padded, record_len};
 use ferrospike_engine::hook::{HookCtx, ShardHook};
 use ferrospike_engine::io::{open_devices, DeviceSet, DeviceSpec, Doorbell};
-use ferrospike_engine::{Bin, Command, Digest, Engine, EngineConfig, EngineStats, ResultCode, Value};
+use ferrospike_engine::{Bin, Command, Digest, Engine, EngineConfig, EngineStats, Reply, ResultCode, Value};
 use hdrhistogram::Histogram;
 
 /// Stored size of every benchmark record (header, set name, one blob bin, padding).
@@ -775,7 +775,7 @@ struct Completion {
     idx: u64,
     start: Instant,
     rc: ResultCode,
-    ok_len: bool,
+    whole: bool,
 }
 
 enum Kind {
@@ -902,6 +902,46 @@ struct SubmitterResult {
     cpu: f64,
 }
 
+impl SubmitterResult {
+    fn new() -> SubmitterResult {
+        SubmitterResult { ok: 0, overloads: 0, errors: 0, first_error: None, hist: new_hist(), cpu: 0.0 }
+    }
+
+    /// Count one reply (`whole`: it carried what was asked for) to a command first submitted
+    /// at `first`. Returns true for DEVICE_OVERLOAD: the caller sends the command again.
+    fn count(&mut self, rc: ResultCode, whole: bool, first: Instant) -> bool {
+        match rc {
+            ResultCode::Ok if whole => {
+                self.ok += 1;
+                self.hist.saturating_record(first.elapsed().as_nanos() as u64);
+            }
+            ResultCode::DeviceOverload => {
+                self.overloads += 1;
+                return true;
+            }
+            rc => {
+                self.errors += 1;
+                self.first_error.get_or_insert(rc);
+            }
+        }
+        false
+    }
+}
+
+/// The command for record `d`: a put of `payload`, or a get.
+fn command(d: Digest, payload: Option<&Arc<Vec<u8>>>) -> Command {
+    match payload {
+        Some(p) => Command::put(d, SET, vec![Bin::new(BIN, Value::Blob(p.as_ref().clone()))]),
+        None => Command::get(d),
+    }
+}
+
+/// Whether a reply carries what its command asked for: a get, the whole blob of `blen`
+/// bytes (a put's reply has no bins to check).
+fn whole(r: &Reply, put: bool, blen: usize) -> bool {
+    put || matches!(r.bin(BIN), Some(Value::Blob(b)) if b.len() == blen)
+}
+
 fn submitter(
     engine: &Engine,
     kind: &Kind,
@@ -913,30 +953,20 @@ fn submitter(
 ) -> SubmitterResult {
     let (tx, rx) = crossbeam_channel::unbounded::<Completion>();
     let cpu0 = thread_cpu_now();
-    let mut out = SubmitterResult { ok: 0, overloads: 0, errors: 0, first_error: None, hist: new_hist(), cpu: 0.0 };
+    let mut out = SubmitterResult::new();
     let mut in_flight = 0usize;
     let mut retries: VecDeque<(Instant, u64, Instant)> = VecDeque::new();
-    let blen = match kind {
-        Kind::Put { payload } => payload.len(),
-        Kind::Get { .. } => blob_len(),
+    let payload = match kind {
+        Kind::Put { payload } => Some(payload),
+        Kind::Get { .. } => None,
     };
+    let blen = blob_len();
     let submit = |idx: u64, first: Instant| {
         let tx = tx.clone();
-        let d = digest_of(salt, idx);
-        match kind {
-            Kind::Put { payload } => {
-                let cmd = Command::put(d, SET, vec![Bin::new(BIN, Value::Blob(payload.as_ref().clone()))]);
-                engine.submit(cmd, move |r| {
-                    let _ = tx.send(Completion { idx, start: first, rc: r.result, ok_len: true });
-                });
-            }
-            Kind::Get { .. } => {
-                engine.submit(Command::get(d), move |r| {
-                    let ok_len = matches!(r.bin(BIN), Some(Value::Blob(b)) if b.len() == blen);
-                    let _ = tx.send(Completion { idx, start: first, rc: r.result, ok_len });
-                });
-            }
-        }
+        let put = payload.is_some();
+        engine.submit(command(digest_of(salt, idx), payload), move |r| {
+            let _ = tx.send(Completion { idx, start: first, rc: r.result, whole: whole(&r, put, blen) });
+        });
     };
     loop {
         let stopping = stop.load(Ordering::Relaxed);
@@ -969,18 +999,9 @@ fn submitter(
             Err(RecvTimeoutError::Disconnected) => unreachable!("the submitter holds a sender"),
         };
         in_flight -= 1;
-        let handle = |c: Completion, out: &mut SubmitterResult, retries: &mut VecDeque<_>| match c.rc {
-            ResultCode::Ok if c.ok_len => {
-                out.ok += 1;
-                out.hist.saturating_record(c.start.elapsed().as_nanos() as u64);
-            }
-            ResultCode::DeviceOverload => {
-                out.overloads += 1;
+        let handle = |c: Completion, out: &mut SubmitterResult, retries: &mut VecDeque<_>| {
+            if out.count(c.rc, c.whole, c.start) {
                 retries.push_back((Instant::now() + OVERLOAD_RETRY, c.idx, c.start));
-            }
-            rc => {
-                out.errors += 1;
-                out.first_error.get_or_insert(rc);
             }
         };
         handle(c, &mut out, &mut retries);
@@ -1108,15 +1129,12 @@ impl Ctl {
 /// never contended).
 struct DriverState {
     in_flight: usize,
-    /// Puts answered DEVICE_OVERLOAD, sent again on the next turn: (record, first submission).
+    /// Commands answered DEVICE_OVERLOAD, sent again on the next turn: (record, first
+    /// submission).
     retries: Vec<(u64, Instant)>,
     /// Replies other than DEVICE_OVERLOAD since the previous turn.
     answered: u64,
     res: SubmitterResult,
-}
-
-fn empty_result() -> SubmitterResult {
-    SubmitterResult { ok: 0, overloads: 0, errors: 0, first_error: None, hist: new_hist(), cpu: 0.0 }
 }
 
 struct ShardDriver {
@@ -1153,7 +1171,7 @@ impl ShardDriver {
                 in_flight: 0,
                 retries: Vec::new(),
                 answered: 0,
-                res: empty_result(),
+                res: SubmitterResult::new(),
             })),
             next: 0,
             written: 0,
@@ -1179,44 +1197,17 @@ impl ShardDriver {
         let d = self.digest(ctx, p.salt, idx);
         self.st.lock().expect("driver state").in_flight += 1;
         let st = self.st.clone();
-        match &p.put {
-            Some(payload) => {
-                let cmd = Command::put(d, SET, vec![Bin::new(BIN, Value::Blob(payload.as_ref().clone()))]);
-                ctx.submit(cmd, move |r| {
-                    let mut s = st.lock().expect("driver state");
-                    s.in_flight -= 1;
-                    if r.result == ResultCode::DeviceOverload {
-                        s.res.overloads += 1;
-                        s.retries.push((idx, first));
-                        return;
-                    }
-                    s.answered += 1;
-                    if r.result == ResultCode::Ok {
-                        s.res.ok += 1;
-                        s.res.hist.saturating_record(first.elapsed().as_nanos() as u64);
-                    } else {
-                        s.res.errors += 1;
-                        s.res.first_error.get_or_insert(r.result);
-                    }
-                });
+        let (put, blen) = (p.put.is_some(), self.blen);
+        ctx.submit(command(d, p.put.as_ref()), move |r| {
+            let whole = whole(&r, put, blen);
+            let mut s = st.lock().expect("driver state");
+            s.in_flight -= 1;
+            if s.res.count(r.result, whole, first) {
+                s.retries.push((idx, first));
+            } else {
+                s.answered += 1;
             }
-            None => {
-                let blen = self.blen;
-                ctx.submit(Command::get(d), move |r| {
-                    let ok_len = matches!(r.bin(BIN), Some(Value::Blob(b)) if b.len() == blen);
-                    let mut s = st.lock().expect("driver state");
-                    s.in_flight -= 1;
-                    s.answered += 1;
-                    if r.result == ResultCode::Ok && ok_len {
-                        s.res.ok += 1;
-                        s.res.hist.saturating_record(first.elapsed().as_nanos() as u64);
-                    } else {
-                        s.res.errors += 1;
-                        s.res.first_error.get_or_insert(r.result);
-                    }
-                });
-            }
-        }
+        });
     }
 }
 
@@ -1247,7 +1238,7 @@ impl ShardHook for ShardDriver {
             self.seen = epoch;
             self.phase = self.ctl.phase.lock().expect("phase").clone();
             let mut s = self.st.lock().expect("driver state");
-            s.res = empty_result();
+            s.res = SubmitterResult::new();
             s.answered = 0;
             if self.phase.as_ref().is_some_and(|p| p.put.is_some()) {
                 self.next = 0;
@@ -1286,7 +1277,7 @@ impl ShardHook for ShardDriver {
                 self.written = self.next;
             }
             // (`cpu` stays 0: this ran on the shard thread, counted as shard CPU.)
-            self.ctl.done.lock().expect("done").push(std::mem::replace(&mut s.res, empty_result()));
+            self.ctl.done.lock().expect("done").push(std::mem::replace(&mut s.res, SubmitterResult::new()));
             self.phase = None;
         }
         did

@@ -719,7 +719,7 @@ impl Shard {
             cb(Reply::error(ResultCode::ServerError));
             return;
         }
-        let owner = self.shared.shard_of_partition(cmd.digest.partition());
+        let owner = self.owner_of(&cmd.digest);
         if owner == self.id {
             self.submit_cmd(cmd, cb);
         } else {
