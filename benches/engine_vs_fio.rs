@@ -18,7 +18,9 @@
 //! 2. fio 4 KiB random reads at queue depth `--qd` over the region fio wrote, against engine
 //!    gets of random records written in step 1 (post-write-cache 0) with `--qd` in flight;
 //! 3. engine commit-to-device puts against the buffered puts of step 1, next to fio
-//!    sequential O_DSYNC writes (128 KiB, iodepth 8), the device's limit for durable writes.
+//!    sequential O_DSYNC writes with the same bytes in flight as the engine's commit puts
+//!    (one job per shard, 2 writes in flight each, of `--inflight` x 1536 B / 4 bytes with 2
+//!    shards): the device's limit for durable writes at that concurrency.
 //!
 //! The load comes from a driver inside each shard's loop by default (`--driver shard`: a
 //! [`ShardHook`], the way the server's front-end drives the engine, each shard working on
@@ -59,9 +61,18 @@ const GOAL_COMMIT_VS_BUFFERED: f64 = 0.70;
 /// Puts stop when fewer than this fraction of the engine's wblocks is free (the engine has no
 /// defragmenter yet, and running out of space is not what is measured).
 const MIN_FREE_FRACTION: f64 = 0.12;
-/// fio's durable-write reference: O_DSYNC writes of this size with this many in flight.
-const FIO_DSYNC_BS: usize = 128 << 10;
-const FIO_DSYNC_QD: usize = 8;
+/// fio's durable-write reference holds as many bytes in flight as the engine's commit puts:
+/// one job per shard, this many O_DSYNC writes in flight per job.
+const FIO_DSYNC_QD: usize = 2;
+
+/// The fio durable-write job matching the engine's commit load: (jobs, bytes per write).
+/// `--inflight` records of `RECORD_BYTES` spread over one job per shard, `FIO_DSYNC_QD`
+/// writes each, rounded down to 4 KiB.
+fn dsync_shape(args: &Args) -> (usize, usize) {
+    let jobs = engine_config(args, true).shards.max(1);
+    let bs = (args.inflight * RECORD_BYTES / (jobs * FIO_DSYNC_QD)) / 4096 * 4096;
+    (jobs, bs.clamp(4096, 8 << 20))
+}
 /// Delay before a put answered DEVICE_OVERLOAD is sent again, as a client would.
 const OVERLOAD_RETRY: Duration = Duration::from_micros(500);
 
@@ -456,7 +467,7 @@ fn fio_version() -> Option<String> {
 fn run_fio(t: &Target, job: &[String], dir: &str) -> Res<FioResult> {
     let mut cmd = Proc::new("fio");
     cmd.arg(format!("--filename={}", t.path.display()))
-        .args(["--direct=1", "--ioengine=io_uring", "--numjobs=1", "--group_reporting", "--output-format=json"])
+        .args(["--direct=1", "--ioengine=io_uring", "--group_reporting", "--output-format=json"])
         .args(job);
     let out = cmd.output().map_err(|e| format!("fio: {e}"))?;
     if interrupted() {
@@ -1420,6 +1431,9 @@ struct Report {
     fio_dw_bw: Series,
     fio_dw_lat: LatSeries,
     cput_vs_fio: Series,
+    /// fio's durable bandwidth over the buffered puts' bandwidth: the best commit / buffered
+    /// ratio this device allows at this concurrency.
+    dsync_ceiling: Series,
     notes: Vec<String>,
 }
 
@@ -1537,19 +1551,23 @@ fn run(args: &Args) -> Res<()> {
                 "read",
             )?;
             eprintln!("  fio rand read   {} IOPS", num(r.iops));
-            // The device's own limit for durable writes, the reference for commit-to-device:
-            // O_DSYNC writes of about the size and number in flight of the engine's group
-            // commits (tens of KiB, a few per shard).
+            // The device's own limit for durable writes with as many bytes in flight as the
+            // engine's commit puts have (every put waits for its durable write, so no more
+            // than that can be in flight): the reference for commit-to-device.
             target.reset()?;
+            let (jobs, bs) = dsync_shape(args);
+            let per_job = target.size / jobs as u64 / (1 << 20) * (1 << 20);
             let dw = run_fio(
                 &target,
                 &[
                     "--name=dsyncwrite".into(),
                     "--rw=write".into(),
-                    format!("--bs={}k", FIO_DSYNC_BS >> 10),
+                    format!("--bs={bs}"),
                     format!("--iodepth={FIO_DSYNC_QD}"),
+                    format!("--numjobs={jobs}"),
+                    format!("--offset_increment={per_job}"),
                     "--sync=dsync".into(),
-                    format!("--size={}", target.size),
+                    format!("--size={per_job}"),
                     format!("--runtime={secs}"),
                 ],
                 "write",
@@ -1602,6 +1620,7 @@ fn run(args: &Args) -> Res<()> {
             rep.fio_dw_bw.push(dw.bw);
             rep.fio_dw_lat.push(dw.lat);
             rep.cput_vs_fio.push(c.put.rate() * RECORD_BYTES as f64 / dw.bw);
+            rep.dsync_ceiling.push(dw.bw / (b.put.rate() * RECORD_BYTES as f64));
         }
     }
     println!("{}", render(args, &env, &rep));
@@ -1645,9 +1664,11 @@ fn render(args: &Args, env: &str, r: &Report) -> String {
     let _ = writeln!(s, "{}", row("commit-to-device puts records/s", r.cput_rate.mmm(num)));
     let _ = writeln!(s, "{}", row("commit-to-device puts MB/s", r.cput_bw.mmm(mbs)));
     let _ = writeln!(s, "{}", row("ratio commit / buffered", r.cput_ratio.mmm(ratio)));
-    let fio_dw = format!("fio O_DSYNC write MB/s ({} KiB, qd {FIO_DSYNC_QD})", FIO_DSYNC_BS >> 10);
+    let (jobs, bs) = dsync_shape(args);
+    let fio_dw = format!("fio O_DSYNC MB/s ({jobs}x qd {FIO_DSYNC_QD}x {} KiB)", bs >> 10);
     let _ = writeln!(s, "{}", row(&fio_dw, r.fio_dw_bw.mmm(mbs)));
     let _ = writeln!(s, "{}", row("ratio commit puts MB/s / fio O_DSYNC", r.cput_vs_fio.mmm(ratio)));
+    let _ = writeln!(s, "{}", row("ceiling: fio O_DSYNC / buffered puts MB/s", r.dsync_ceiling.mmm(ratio)));
     let _ = writeln!(s, "{lhdr}");
     let _ = writeln!(s, "{}", row("  buffered put", r.put_lat.show()));
     let _ = writeln!(s, "{}", row("  commit-to-device put", r.cput_lat.show()));
@@ -1664,6 +1685,13 @@ fn render(args: &Args, env: &str, r: &Report) -> String {
     let _ = writeln!(s, "{}", goal("puts vs fio write bandwidth", GOAL_PUTS_VS_FIO, &r.put_ratio));
     let _ = writeln!(s, "{}", goal("gets vs fio read IOPS", GOAL_GETS_VS_FIO, &r.get_ratio));
     let _ = writeln!(s, "{}", goal("commit-to-device vs buffered puts", GOAL_COMMIT_VS_BUFFERED, &r.cput_ratio));
+    if let Some(c) = r.dsync_ceiling.median().filter(|&c| c < GOAL_COMMIT_VS_BUFFERED) {
+        let _ = writeln!(
+            s,
+            "    (the device's own durable writes at this concurrency reach {} of the buffered puts' bandwidth)",
+            ratio(c)
+        );
+    }
 
     let _ = writeln!(s, "\nload average at the end: {}", loadavg());
     let _ = writeln!(s, "\nengine counters per run");
