@@ -161,6 +161,21 @@ async fn single_record_commands_and_policies() {
     assert_eq!(info.get("build").map(String::as_str), Some("8.1.0.0"));
     assert_eq!(info.get("namespaces").map(String::as_str), Some("test"));
     assert!(info.get("namespace/test").unwrap().contains("objects="), "{info:?}");
+    // `statistics` carries the engine's figures: records, index bytes per record, free
+    // wblocks, device reads/writes, cache hits.
+    let stats = client.info(&AdminPolicy::default(), &["statistics"]).await.unwrap();
+    let stats: std::collections::HashMap<&str, &str> =
+        stats["statistics"].split(';').filter_map(|kv| kv.split_once('=')).collect();
+    let num = |k: &str| -> f64 { stats.get(k).unwrap_or_else(|| panic!("no {k} in {stats:?}")).parse().unwrap() };
+    assert!(num("objects") >= 1.0, "{stats:?}");
+    // (A handful of records: the per-partition maps' fixed bytes dominate the figure; the
+    // ≤ 64 bytes target is for large counts and checked by the engine's tests.)
+    let per_record = num("index_used_bytes") / (num("objects") + num("tombstones"));
+    assert!((num("index_bytes_per_record") - per_record).abs() < 0.1, "{stats:?}");
+    assert!(num("free_wblocks") > 0.0 && num("free_wblocks") < num("total_wblocks"), "{stats:?}");
+    for k in ["device_reads", "device_writes", "cache_read_hits"] {
+        num(k);
+    }
 
     client.close().await.unwrap();
     let st = { srv }.stop();
