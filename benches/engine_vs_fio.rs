@@ -19,8 +19,8 @@
 //!    gets of random records written in step 1 (post-write-cache 0) with `--qd` in flight;
 //! 3. engine commit-to-device puts against the buffered puts of step 1, next to fio
 //!    sequential O_DSYNC writes with the same bytes in flight as the engine's commit puts
-//!    (one job per shard, 2 writes in flight each, of `--inflight` x 1536 B / 4 bytes with 2
-//!    shards): the device's limit for durable writes at that concurrency.
+//!    (one job per shard, 2 writes in flight each, each `--inflight` x 1536 B / (2 x shards)
+//!    rounded down to 4 KiB): the device's limit for durable writes at that concurrency.
 //!
 //! The load comes from a driver inside each shard's loop by default (`--driver shard`: a
 //! [`ShardHook`], the way the server's front-end drives the engine, each shard working on
@@ -58,8 +58,8 @@ const BIN: &str = "b";
 const GOAL_PUTS_VS_FIO: f64 = 0.90;
 const GOAL_GETS_VS_FIO: f64 = 0.90;
 const GOAL_COMMIT_VS_BUFFERED: f64 = 0.70;
-/// Puts stop when fewer than this fraction of the engine's wblocks is free (the engine has no
-/// defragmenter yet, and running out of space is not what is measured).
+/// Puts stop when fewer than this fraction of the engine's wblocks is free (running out of
+/// space, and defrag's work near it, is not what is measured).
 const MIN_FREE_FRACTION: f64 = 0.12;
 /// fio's durable-write reference holds as many bytes in flight as the engine's commit puts:
 /// one job per shard, this many O_DSYNC writes in flight per job.
@@ -73,6 +73,7 @@ fn dsync_shape(args: &Args) -> (usize, usize) {
     let bs = (args.inflight * RECORD_BYTES / (jobs * FIO_DSYNC_QD)) / 4096 * 4096;
     (jobs, bs.clamp(4096, 8 << 20))
 }
+
 /// Delay before a put answered DEVICE_OVERLOAD is sent again, as a client would.
 const OVERLOAD_RETRY: Duration = Duration::from_micros(500);
 
