@@ -2,9 +2,8 @@
 //! tests can start it (`CARGO_BIN_EXE_*` is offered only for the tests' own package). It
 //! runs exactly what the `ferrospike` binary runs.
 
-// mimalloc: shards free what other threads allocated, and glibc malloc makes such a free wait
-// on the allocating thread's arena lock (measured with benches/engine_vs_fio --driver threads:
-// +15-20% puts; the server's own A/B showed no difference beyond noise).
+// The `ferrospike` binary's allocator (why: server/src/main.rs). A library must not choose
+// the global allocator for its users, so each binary names it.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

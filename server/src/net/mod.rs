@@ -136,12 +136,12 @@ impl InfoSource for Shared {
             ("cluster_size".to_string(), "1".to_string()),
             ("uptime".to_string(), self.started.elapsed().as_secs().to_string()),
         ];
-        let (mut objects, mut entries, mut index_bytes, mut free, mut total) = (0, 0, 0, 0, 0);
+        let (mut objects, mut tombstones, mut index_bytes, mut free, mut total) = (0, 0, 0, 0, 0);
         let (mut reads, mut writes, mut hits) = (0, 0, 0);
         for n in &self.namespaces {
             let s = n.engine.stats();
             objects += s.records;
-            entries += s.records + s.tombstones;
+            tombstones += s.tombstones;
             index_bytes += s.index_bytes;
             free += s.free_wblocks;
             total += s.total_wblocks;
@@ -151,9 +151,10 @@ impl InfoSource for Shared {
         }
         // Index bytes per record over all namespaces, as each namespace reports it: the
         // index's own bytes (maps included) over the entries it holds, tombstones too.
+        let entries = objects + tombstones;
         let per_record = if entries == 0 { 0.0 } else { index_bytes as f64 / entries as f64 };
         v.push(("objects".into(), objects.to_string()));
-        v.push(("tombstones".into(), (entries - objects).to_string()));
+        v.push(("tombstones".into(), tombstones.to_string()));
         v.push(("index_used_bytes".into(), index_bytes.to_string()));
         v.push(("index_bytes_per_record".into(), format!("{per_record:.1}")));
         v.push(("free_wblocks".into(), free.to_string()));
