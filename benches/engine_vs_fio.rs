@@ -1224,8 +1224,8 @@ impl ShardDriver {
 }
 
 impl ShardHook for ShardDriver {
-    fn wake_fd(&self) -> RawFd {
-        self.epoll.as_raw_fd()
+    fn wake_fd(&self) -> Option<RawFd> {
+        Some(self.epoll.as_raw_fd())
     }
 
     fn start(&mut self, doorbell: Arc<Doorbell>) {

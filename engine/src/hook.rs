@@ -1,9 +1,13 @@
 //! Code that runs inside a shard's loop: the server's network front-end.
 //!
 //! A [`ShardHook`] is handed to the engine at start-up, one per shard, and from then on runs
-//! on that shard's thread: the shard calls [`ShardHook::turn`] once per loop turn, and its
-//! ring also watches the hook's [`ShardHook::wake_fd`] while the shard sleeps, so readiness
-//! of anything behind that descriptor (an epoll set of sockets, typically) wakes the shard.
+//! on that shard's thread: the shard calls [`ShardHook::turn`] once per loop turn. Sockets go
+//! through the shard's own io_uring: [`HookCtx::push_sock`] queues a receive, send or accept,
+//! which reaches the kernel with the shard's next ring submission (one `io_uring_enter` per
+//! turn carries the device I/O and every socket operation of the turn), and its completion
+//! wakes a sleeping shard and is handed to the next turn ([`HookCtx::take_sock_completions`]).
+//! A hook may also name a descriptor of its own, [`ShardHook::wake_fd`], that the ring then
+//! watches instead of the doorbell.
 //!
 //! Commands a hook submits through [`HookCtx::submit`] run at once when the shard owns the
 //! digest's partition; the others are collected per destination shard and handed over in
@@ -17,17 +21,19 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use crate::api::{Command, Reply, ScanPage};
-use crate::io::Doorbell;
+use crate::io::{Doorbell, SockCompletion, SockId, SockRequest};
 use crate::shard::{ScanReq, Shard};
 use crate::types::{Digest, ResultCode};
 
 /// Code run by one shard's loop. Everything here runs on the shard thread and must never
 /// block: no waiting on the engine (`Engine::execute`, `stats`, `scan_partition`, ...).
 pub trait ShardHook: Send {
-    /// A descriptor the shard's ring polls for readability while the shard sleeps. It
-    /// must report the doorbell passed to `start` as well (e.g. an epoll set holding it),
-    /// since the ring watches this descriptor instead of the doorbell.
-    fn wake_fd(&self) -> RawFd;
+    /// A descriptor the shard's ring polls for readability while the shard sleeps, instead
+    /// of the doorbell. It must report the doorbell passed to `start` as well (e.g. an epoll
+    /// set holding it). None (the default): the ring watches the doorbell itself.
+    fn wake_fd(&self) -> Option<RawFd> {
+        None
+    }
 
     /// Called once on the shard thread before the first turn, with the shard's doorbell.
     fn start(&mut self, doorbell: Arc<Doorbell>);
@@ -52,7 +58,8 @@ pub struct HookCtx<'a> {
 }
 
 impl HookCtx<'_> {
-    /// Whether the ring saw the wake descriptor readable since the previous turn. The ring
+    /// Whether the ring saw the wake descriptor (or the doorbell) readable since the previous
+    /// turn. The ring
     /// keeps a poll on it armed between turns, and a busy shard still collects that poll's
     /// completion, so a level-triggered descriptor (an epoll set) that is not reported here
     /// had nothing ready when last polled, and a hook may skip looking into it this turn.
@@ -98,6 +105,30 @@ impl HookCtx<'_> {
             },
         };
         self.shard.scan_from_hook(ScanReq { pid, set, after, max, with_bins }, Box::new(cb));
+    }
+
+    /// Whether socket operations run on this shard's ring (always with the io_uring
+    /// backend; with the simulated one they complete at once with `Unsupported`).
+    pub fn sockets(&self) -> bool {
+        self.shard.io.sockets()
+    }
+
+    /// Queue a socket operation on this shard's ring; it reaches the kernel with the
+    /// shard's next submission, and its completion comes back through
+    /// [`HookCtx::take_sock_completions`] in a later turn. The descriptor must stay open
+    /// until then.
+    pub fn push_sock(&mut self, req: SockRequest) -> SockId {
+        self.shard.io.push_sock(req)
+    }
+
+    /// End a socket operation early (see [`crate::io::IoBackend::cancel_sock`]).
+    pub fn cancel_sock(&mut self, id: SockId) {
+        self.shard.io.cancel_sock(id)
+    }
+
+    /// Move the socket operations completed since the previous turn into `out`.
+    pub fn take_sock_completions(&mut self, out: &mut Vec<SockCompletion>) {
+        out.append(&mut self.shard.sock_done);
     }
 
     /// Commands waiting for room in another shard's channel. A hook should stop taking new

@@ -83,6 +83,45 @@ pub struct IoCompletion {
     pub op: IoOp,
 }
 
+/// A socket operation carried out by a shard's ring for code running in the shard's loop
+/// (the server's front-end). The descriptor must stay open until the operation's
+/// [`SockCompletion`] has been reaped: the kernel resolves the descriptor number only when
+/// it takes the request, which may be after `push_sock` returns.
+#[derive(Debug)]
+pub struct SockRequest {
+    /// Handed back in the completion.
+    pub token: u64,
+    pub fd: RawFd,
+    pub op: SockOp,
+}
+
+/// What a socket operation does; the buffers travel with it and come back in the completion.
+#[derive(Debug)]
+pub enum SockOp {
+    /// Receive at most `buf.len() - at` bytes into `buf[at..]`. Completes when at least one
+    /// byte arrived, at end of stream (0), or on an error.
+    Recv { buf: Vec<u8>, at: usize },
+    /// Send `buf[at..]`; may complete after sending only part of it.
+    Send { buf: Vec<u8>, at: usize },
+    /// Accept one connection on a listening socket: the result is the new descriptor,
+    /// close-on-exec, owned by whoever reaps the completion.
+    Accept,
+}
+
+/// The end of one [`SockRequest`]: bytes transferred (or the accepted descriptor), or the
+/// error (`ECANCELED` after [`IoBackend::cancel_sock`]).
+#[derive(Debug)]
+pub struct SockCompletion {
+    pub token: u64,
+    pub result: std::io::Result<usize>,
+    pub op: SockOp,
+}
+
+/// Names a socket operation in flight, for [`IoBackend::cancel_sock`]. Never reused for
+/// another operation of the same backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SockId(pub u64);
+
 /// A per-shard I/O queue: the real io_uring or the simulated disk.
 pub trait IoBackend {
     /// Queue a request; it is submitted by the next `submit_and_wait`.
@@ -109,6 +148,32 @@ pub trait IoBackend {
 
     /// A one-line description for logs (ring flags, registered buffers or why not).
     fn describe(&self) -> String;
+
+    /// Whether socket operations run on this backend (the io_uring one). Elsewhere every
+    /// socket operation completes at once with `Unsupported`.
+    fn sockets(&self) -> bool {
+        false
+    }
+
+    /// Queue a socket operation; like `push`, it goes to the kernel with the next
+    /// `submit_and_wait` and produces exactly one [`SockCompletion`]. Socket operations do
+    /// not count in `in_flight` (a receive may wait for its peer for ever).
+    fn push_sock(&mut self, req: SockRequest) -> SockId;
+
+    /// Ask the kernel to end a socket operation early (it then completes with
+    /// `ECANCELED`, or with what it did before the cancellation reached it). Harmless when
+    /// the operation has already completed.
+    fn cancel_sock(&mut self, id: SockId);
+
+    /// Move finished socket operations into `out`.
+    fn reap_sock(&mut self, out: &mut Vec<SockCompletion>);
+
+    /// Whether something finished that a `reap` (after a non-waiting `submit_and_wait`)
+    /// would bring: a cheap look at the ring's shared memory, without a system call, for a
+    /// caller spinning before it sleeps.
+    fn events_waiting(&mut self) -> bool {
+        false
+    }
 }
 
 /// A descriptor a backend watches while it waits, besides its own completions.
@@ -147,6 +212,12 @@ pub trait DeviceSet: Send + Sync {
         arena_slot_bytes: usize,
         arena_slots: usize,
     ) -> Result<Box<dyn IoBackend>, DeviceError>;
+}
+
+/// The completion of a socket operation that a backend cannot run.
+pub(crate) fn unsupported_sock(req: SockRequest) -> SockCompletion {
+    let e = std::io::Error::new(std::io::ErrorKind::Unsupported, "socket operations need the io_uring backend");
+    SockCompletion { token: req.token, result: Err(e), op: req.op }
 }
 
 /// Run one request to completion on `io` (start-up and shutdown paths only).

@@ -16,7 +16,10 @@ use std::time::Duration;
 use super::buf::{AlignedBuf, BUF_ALIGN};
 use super::device::assert_request;
 use super::uring::wait_eventfd;
-use super::{DevId, DeviceInfo, DeviceSet, IoBackend, IoCompletion, IoOp, IoRequest, Wake};
+use super::{
+    unsupported_sock, DevId, DeviceInfo, DeviceSet, IoBackend, IoCompletion, IoOp, IoRequest, SockCompletion, SockId,
+    SockRequest, Wake,
+};
 use crate::error::DeviceError;
 
 /// Granularity of the lazy allocation of a disk's memory.
@@ -334,6 +337,7 @@ impl DeviceSet for SimDevices {
             pending: VecDeque::new(),
             ready: VecDeque::new(),
             rung: false,
+            sock_ready: Vec::new(),
         }))
     }
 }
@@ -346,6 +350,8 @@ pub struct SimBackend {
     pending: VecDeque<IoRequest>,
     ready: VecDeque<IoCompletion>,
     rung: bool,
+    /// Socket operations, all refused (see [`IoBackend::sockets`]).
+    sock_ready: Vec<SockCompletion>,
 }
 
 impl SimBackend {
@@ -428,6 +434,17 @@ impl IoBackend for SimBackend {
             self.infos.first().map_or(0, |i| i.io_align),
             if self.doorbell.is_some() { "poll" } else { "none" }
         )
+    }
+
+    fn push_sock(&mut self, req: SockRequest) -> SockId {
+        self.sock_ready.push(unsupported_sock(req));
+        SockId(u64::MAX)
+    }
+
+    fn cancel_sock(&mut self, _id: SockId) {}
+
+    fn reap_sock(&mut self, out: &mut Vec<SockCompletion>) {
+        out.append(&mut self.sock_ready);
     }
 }
 

@@ -8,6 +8,8 @@
 //!   `ReadFixed`/`WriteFixed`. When `RLIMIT_MEMLOCK` or the kernel refuses, plain buffers
 //!   are used and one warning gives the numbers.
 //! - The doorbell eventfd is watched by a `PollAdd` with a reserved `user_data`.
+//! - Socket operations (receive, send, accept) for the shard's front-end live in a slab of
+//!   their own, outside the device ops' CQ budget and `in_flight`; `Drop` cancels them.
 //!
 //! Ownership rule that makes the `unsafe` sound: every buffer named by an SQE belongs to an
 //! entry of `slab` (through its [`IoOp`]) from before the SQE is pushed until its CQE is
@@ -25,11 +27,22 @@ use io_uring::{opcode, squeue, IoUring};
 
 use super::buf::{AlignedBuf, BUF_ALIGN};
 use super::device::{assert_request, explain_setup_error, is_aligned};
-use super::{DevId, DeviceInfo, IoBackend, IoCompletion, IoOp, IoRequest, Wake};
+use super::{
+    DevId, DeviceInfo, IoBackend, IoCompletion, IoOp, IoRequest, SockCompletion, SockId, SockOp, SockRequest, Wake,
+};
 use crate::error::DeviceError;
 
 /// `user_data` of the doorbell's poll; slab indices never reach it.
 const DOORBELL: u64 = u64::MAX;
+/// `user_data` of a cancellation request (its own completion is ignored).
+const CANCEL: u64 = u64::MAX - 1;
+/// Marks the `user_data` of a socket operation: `SOCK_BIT | serial << SOCK_IDX_BITS | index`,
+/// the serial below bit 62, so it never equals `DOORBELL` or `CANCEL`.
+const SOCK_BIT: u64 = 1 << 63;
+const SOCK_IDX_BITS: u32 = 24;
+const SOCK_SERIAL_MASK: u64 = (1 << (62 - SOCK_IDX_BITS)) - 1;
+/// Completion queue entries at least, for the sockets' receives armed all at once.
+const MIN_CQ_ENTRIES: u32 = 4096;
 /// Largest SQ accepted (the kernel's own limit is 32768).
 const MAX_SQ_ENTRIES: u32 = 4096;
 /// Times one request is resubmitted after `EINTR`/`EAGAIN` without progress before it fails.
@@ -326,6 +339,14 @@ pub(super) struct Stats {
     pub resubmits: u64,
 }
 
+/// One socket operation; its `user_data` is `id`.
+struct SockSlot {
+    id: u64,
+    req: SockRequest,
+    /// An SQE for it is with the kernel: its buffer must not move or be freed.
+    in_kernel: bool,
+}
+
 pub(super) struct UringBackend {
     /// Declared before `arena`: the ring (and its buffer registration) goes first.
     ring: IoUring,
@@ -348,6 +369,17 @@ pub(super) struct UringBackend {
     rung: bool,
     /// Reusable buffer for CQEs read in one pass.
     cqes: Vec<(u64, i32)>,
+    /// Socket operations from `push_sock` until their completion is queued in `sock_ready`.
+    socks: Vec<Option<SockSlot>>,
+    socks_free: Vec<usize>,
+    /// Slab indices of socket operations waiting for room in the SQ.
+    socks_pending: VecDeque<usize>,
+    /// `user_data` of socket operations to cancel, waiting for room in the SQ.
+    cancels: Vec<u64>,
+    sock_ready: Vec<SockCompletion>,
+    /// Socket operations whose SQE is with the kernel.
+    socks_in_kernel: usize,
+    sock_serial: u64,
     setup_flags: &'static str,
     buffers_note: String,
     stats: Stats,
@@ -391,6 +423,13 @@ impl UringBackend {
             setup_flags,
             buffers_note,
             stats: Stats::default(),
+            socks: Vec::new(),
+            socks_free: Vec::new(),
+            socks_pending: VecDeque::new(),
+            cancels: Vec::new(),
+            sock_ready: Vec::new(),
+            socks_in_kernel: 0,
+            sock_serial: 0,
         })
     }
 
@@ -425,11 +464,39 @@ impl UringBackend {
             op.in_kernel = true;
             self.in_kernel += 1;
         }
+        while !sq.is_full() {
+            let Some(idx) = self.socks_pending.pop_front() else { break };
+            let slot = self.socks[idx].as_mut().expect("pending index names a live socket op");
+            let entry = build_sock_sqe(&mut slot.req).user_data(slot.id);
+            // SAFETY: the SQE points into the Vec owned by `slot.req` (its heap memory does
+            // not move while the Vec is neither resized nor dropped), or at no memory at all
+            // (accept). The slot stays in the slab, untouched, until this SQE's CQE is reaped,
+            // and Drop cancels and waits for it (or leaks it).
+            unsafe { sq.push(&entry) }.expect("SQ has room (checked)");
+            slot.in_kernel = true;
+            self.socks_in_kernel += 1;
+        }
+        while !sq.is_full() {
+            let Some(target) = self.cancels.pop() else { break };
+            let e = opcode::AsyncCancel::new(target).build().user_data(CANCEL);
+            // SAFETY: a cancel SQE references no memory.
+            unsafe { sq.push(&e) }.expect("SQ has room (checked)");
+        }
+    }
+
+    fn on_sock_cqe(&mut self, user_data: u64, res: i32) {
+        let idx = (user_data & ((1 << SOCK_IDX_BITS) - 1)) as usize;
+        let slot = self.socks.get_mut(idx).and_then(Option::take).expect("CQE for an unknown socket op");
+        assert!(slot.id == user_data && slot.in_kernel, "CQE for a socket op that was not submitted");
+        self.socks_in_kernel -= 1;
+        self.socks_free.push(idx);
+        let result = if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res as usize) };
+        self.sock_ready.push(SockCompletion { token: slot.req.token, result, op: slot.req.op });
     }
 
     /// Enter the kernel: submit what is in the SQ, and wait for one completion when asked.
     fn enter(&mut self, want: bool, timeout: Option<Duration>) -> Result<(), DeviceError> {
-        let can_complete = self.in_kernel > 0 || self.doorbell_armed;
+        let can_complete = self.in_kernel > 0 || self.socks_in_kernel > 0 || self.doorbell_armed;
         let submitter = self.ring.submitter();
         let r = match (want, timeout) {
             (true, Some(t)) => {
@@ -459,6 +526,10 @@ impl UringBackend {
         for &(user_data, res) in &cqes {
             if user_data == DOORBELL {
                 self.on_doorbell(res);
+            } else if user_data == CANCEL {
+                // The cancelled op reports for itself.
+            } else if user_data & SOCK_BIT != 0 {
+                self.on_sock_cqe(user_data, res);
             } else {
                 self.on_cqe(user_data as usize, res);
             }
@@ -583,8 +654,28 @@ fn build_sqe(op: &mut Op, idx: usize, arena: Option<&Arena>, stats: &mut Stats) 
 }
 
 /// Set up the ring with the best flags the kernel accepts.
+/// The SQE for what is left of a socket operation (no `user_data` yet).
+fn build_sock_sqe(req: &mut SockRequest) -> squeue::Entry {
+    let fd = Fd(req.fd);
+    match &mut req.op {
+        SockOp::Recv { buf, at } => {
+            let rest = &mut buf[*at..];
+            let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
+            opcode::Recv::new(fd, rest.as_mut_ptr(), len).build()
+        }
+        SockOp::Send { buf, at } => {
+            let rest = &buf[*at..];
+            let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
+            opcode::Send::new(fd, rest.as_ptr(), len).flags(libc::MSG_NOSIGNAL).build()
+        }
+        SockOp::Accept => {
+            opcode::Accept::new(fd, std::ptr::null_mut(), std::ptr::null_mut()).flags(libc::SOCK_CLOEXEC).build()
+        }
+    }
+}
+
 fn build_ring(entries: u32) -> Result<(IoUring, &'static str), DeviceError> {
-    let cq = entries * 4;
+    let cq = (entries * 4).max(MIN_CQ_ENTRIES);
     let mut last_err = None;
     for (name, mode) in
         [("SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG", 0), ("COOP_TASKRUN|TASKRUN_FLAG", 1), ("plain", 2)]
@@ -644,7 +735,7 @@ impl IoBackend for UringBackend {
 
     fn submit_and_wait(&mut self, wait: bool, timeout: Option<Duration>) -> Result<(), DeviceError> {
         self.fill_sq();
-        let block = wait && self.ready.is_empty() && !self.rung;
+        let block = wait && self.ready.is_empty() && self.sock_ready.is_empty() && !self.rung;
         self.enter(block, timeout)?;
         self.drain_cq();
         // Resubmissions (short transfers, EINTR) go back to the kernel now rather than on the
@@ -664,6 +755,56 @@ impl IoBackend for UringBackend {
 
     fn in_flight(&self) -> usize {
         self.slab.len() - self.slab_free.len() + self.ready.len()
+    }
+
+    fn sockets(&self) -> bool {
+        true
+    }
+
+    fn push_sock(&mut self, req: SockRequest) -> SockId {
+        let idx = match self.socks_free.pop() {
+            Some(i) => i,
+            None => {
+                assert!(self.socks.len() < (1 << SOCK_IDX_BITS) - 1, "too many socket operations in flight");
+                self.socks.push(None);
+                self.socks.len() - 1
+            }
+        };
+        self.sock_serial = (self.sock_serial + 1) & SOCK_SERIAL_MASK;
+        let id = SOCK_BIT | self.sock_serial << SOCK_IDX_BITS | idx as u64;
+        self.socks[idx] = Some(SockSlot { id, req, in_kernel: false });
+        self.socks_pending.push_back(idx);
+        SockId(id)
+    }
+
+    fn cancel_sock(&mut self, id: SockId) {
+        let idx = (id.0 & ((1 << SOCK_IDX_BITS) - 1)) as usize;
+        let Some(slot) = self.socks.get(idx).and_then(Option::as_ref).filter(|s| s.id == id.0) else {
+            return; // already completed
+        };
+        if slot.in_kernel {
+            self.cancels.push(id.0);
+        } else {
+            // Never submitted: it ends here.
+            self.socks_pending.retain(|&i| i != idx);
+            let slot = self.socks[idx].take().expect("checked above");
+            self.socks_free.push(idx);
+            let result = Err(io::Error::from_raw_os_error(libc::ECANCELED));
+            self.sock_ready.push(SockCompletion { token: slot.req.token, result, op: slot.req.op });
+        }
+    }
+
+    fn events_waiting(&mut self) -> bool {
+        // TASKRUN: completions wait as deferred task work, which the next enter runs.
+        !self.ready.is_empty()
+            || !self.sock_ready.is_empty()
+            || self.ring.submission().taskrun()
+            || !self.ring.completion().is_empty()
+    }
+
+    fn reap_sock(&mut self, out: &mut Vec<SockCompletion>) {
+        self.drain_cq();
+        out.append(&mut self.sock_ready);
     }
 
     fn alloc(&mut self, len: usize) -> AlignedBuf {
@@ -713,8 +854,12 @@ impl Drop for UringBackend {
     fn drop(&mut self) {
         // Ops never handed to the kernel need no waiting.
         self.pending.clear();
+        self.socks_pending.clear();
+        // A receive or accept may wait for its peer for ever: cancel every socket op.
+        self.cancels = self.socks.iter().flatten().filter(|s| s.in_kernel).map(|s| s.id).collect();
         let deadline = std::time::Instant::now() + DROP_WAIT;
-        while self.in_kernel > 0 {
+        while self.in_kernel > 0 || self.socks_in_kernel > 0 {
+            self.fill_sq();
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             let failed = if left.is_zero() {
                 Some(format!("{} I/O still in flight after {} s", self.in_kernel, DROP_WAIT.as_secs()))
@@ -723,9 +868,17 @@ impl Drop for UringBackend {
             };
             if let Some(why) = failed {
                 // The kernel may still write into these buffers: never free them.
-                tracing::error!("{why}; leaking the buffers of {} in-flight I/O", self.in_kernel);
+                tracing::error!(
+                    "{why}; leaking the buffers of {} in-flight I/O",
+                    self.in_kernel + self.socks_in_kernel
+                );
                 for slot in self.slab.iter_mut() {
                     if slot.as_ref().is_some_and(|op| op.in_kernel) {
+                        std::mem::forget(slot.take());
+                    }
+                }
+                for slot in self.socks.iter_mut() {
+                    if slot.as_ref().is_some_and(|s| s.in_kernel) {
                         std::mem::forget(slot.take());
                     }
                 }
@@ -734,6 +887,7 @@ impl Drop for UringBackend {
             }
             self.drain_cq();
             self.pending.clear();
+            self.sock_ready.clear();
         }
         let mut ops: Vec<IoOp> = self.slab.iter_mut().filter_map(Option::take).map(|op| op.op).collect();
         ops.extend(self.ready.drain(..).map(|c| c.op));
@@ -1219,5 +1373,130 @@ mod tests {
                 round_trip_checks(&devs);
             }
         }
+    }
+
+    /// Socket completions until there are `n` (at most 5 s).
+    fn wait_socks(io: &mut UringBackend, n: usize) -> Vec<SockCompletion> {
+        let mut out = Vec::new();
+        let t0 = Instant::now();
+        while out.len() < n {
+            assert!(t0.elapsed() < Duration::from_secs(5), "{} of {n} socket operations completed", out.len());
+            io.submit_and_wait(true, Some(Duration::from_millis(100))).unwrap();
+            io.reap_sock(&mut out);
+        }
+        out
+    }
+
+    fn recv_req(token: u64, fd: RawFd) -> SockRequest {
+        SockRequest { token, fd, op: SockOp::Recv { buf: vec![0; 64], at: 0 } }
+    }
+
+    /// A connected pair: the client end, and the server end accepted by std.
+    fn tcp_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        (client, l.accept().unwrap().0)
+    }
+
+    #[test]
+    fn sockets_accept_receive_send_and_cancel() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut io = UringBackend::new(8, &[], Vec::new(), None, 0, 0).unwrap();
+        assert!(io.sockets());
+        io.push_sock(SockRequest { token: 1, fd: listener.as_raw_fd(), op: SockOp::Accept });
+        // Nothing to accept yet: a pass without waiting completes nothing.
+        io.submit_and_wait(false, None).unwrap();
+        let mut out = Vec::new();
+        io.reap_sock(&mut out);
+        assert!(out.is_empty(), "accept completed with no connection: {out:?}");
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let done = wait_socks(&mut io, 1);
+        assert_eq!(done[0].token, 1);
+        let fd = *done[0].result.as_ref().unwrap() as RawFd;
+        // SAFETY: the accept returned a fresh descriptor that nothing else owns.
+        let server = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+        assert_eq!(server.peer_addr().unwrap(), client.local_addr().unwrap());
+
+        // A receive armed before the bytes exist completes when they arrive.
+        io.push_sock(recv_req(2, fd));
+        io.submit_and_wait(false, None).unwrap();
+        client.write_all(b"hello").unwrap();
+        let done = wait_socks(&mut io, 1);
+        assert_eq!((done[0].token, *done[0].result.as_ref().unwrap()), (2, 5));
+        let SockOp::Recv { buf, .. } = &done[0].op else { panic!("the receive's buffer comes back") };
+        assert_eq!(&buf[..5], b"hello");
+
+        // A send starts at its offset.
+        io.push_sock(SockRequest { token: 3, fd, op: SockOp::Send { buf: b"--world".to_vec(), at: 2 } });
+        let done = wait_socks(&mut io, 1);
+        assert_eq!((done[0].token, *done[0].result.as_ref().unwrap()), (3, 5));
+        let mut got = [0u8; 5];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"world");
+
+        // Cancelled: a receive the kernel holds, and one never submitted.
+        let held = io.push_sock(recv_req(4, fd));
+        io.submit_and_wait(false, None).unwrap();
+        io.cancel_sock(held);
+        let queued = io.push_sock(recv_req(5, fd));
+        io.cancel_sock(queued);
+        let mut done = wait_socks(&mut io, 2);
+        done.sort_by_key(|d| d.token);
+        for (d, token) in done.iter().zip([4, 5]) {
+            assert_eq!(d.token, token);
+            let e = d.result.as_ref().expect_err("cancelled");
+            assert_eq!(e.raw_os_error(), Some(libc::ECANCELED), "token {token}: {e}");
+        }
+        // Cancelling what has completed does nothing.
+        io.cancel_sock(held);
+
+        // The client goes away: end of stream.
+        io.push_sock(recv_req(6, fd));
+        io.submit_and_wait(false, None).unwrap();
+        drop(client);
+        let done = wait_socks(&mut io, 1);
+        assert_eq!((done[0].token, *done[0].result.as_ref().unwrap()), (6, 0));
+        drop(server);
+    }
+
+    #[test]
+    fn shutting_a_socket_down_ends_its_receive() {
+        // How the front-end closes a connection whose receive is armed.
+        let (_client, server) = tcp_pair();
+        let mut io = UringBackend::new(8, &[], Vec::new(), None, 0, 0).unwrap();
+        io.push_sock(recv_req(1, server.as_raw_fd()));
+        io.submit_and_wait(false, None).unwrap();
+        // SAFETY: shutdown(2) on a descriptor this test owns.
+        assert_eq!(unsafe { libc::shutdown(server.as_raw_fd(), libc::SHUT_RDWR) }, 0);
+        let done = wait_socks(&mut io, 1);
+        assert_eq!(*done[0].result.as_ref().unwrap(), 0);
+    }
+
+    #[test]
+    fn drop_cancels_armed_socket_operations() {
+        let (_client, server) = tcp_pair();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut io = UringBackend::new(8, &[], Vec::new(), None, 0, 0).unwrap();
+        io.push_sock(recv_req(1, server.as_raw_fd()));
+        io.push_sock(SockRequest { token: 2, fd: listener.as_raw_fd(), op: SockOp::Accept });
+        io.submit_and_wait(false, None).unwrap();
+        assert_eq!(io.socks_in_kernel, 2);
+        let t0 = Instant::now();
+        drop(io);
+        assert!(t0.elapsed() < Duration::from_secs(5), "drop waited {:?} for a receive", t0.elapsed());
+    }
+
+    #[test]
+    fn the_simulated_backend_refuses_socket_operations() {
+        use crate::io::sim::SimDevices;
+        let devs = SimDevices::new(vec![crate::io::SimDisk::new(1 << 20)], 4096);
+        let mut io = devs.open_backend(None, 0, 0).unwrap();
+        assert!(!io.sockets());
+        io.push_sock(recv_req(9, 0));
+        let mut out = Vec::new();
+        io.reap_sock(&mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].result.as_ref().unwrap_err().kind(), io::ErrorKind::Unsupported);
     }
 }

@@ -180,7 +180,9 @@ struct ScanJob {
 pub(crate) struct Shard {
     id: usize,
     shared: Arc<Shared>,
-    io: Box<dyn IoBackend>,
+    pub(crate) io: Box<dyn IoBackend>,
+    /// Socket operations of the hook completed, for its next turn.
+    pub(crate) sock_done: Vec<crate::io::SockCompletion>,
     index: Index,
     rx: Receiver<Msg>,
     doorbell: Arc<Doorbell>,
@@ -325,6 +327,7 @@ impl Shard {
             peers,
             hook,
             shared,
+            sock_done: Vec::new(),
         }
     }
 
@@ -386,6 +389,11 @@ impl Shard {
             }
             let woke = self.io.reap(&mut comps);
             did += comps.len() + woke as usize;
+            if self.hook.is_some() {
+                let before = self.sock_done.len();
+                self.io.reap_sock(&mut self.sock_done);
+                did += self.sock_done.len() - before;
+            }
             for c in comps.drain(..) {
                 self.complete(c);
             }
@@ -447,7 +455,7 @@ impl Shard {
                 // sleep and a doorbell.
                 let spin_until = Instant::now() + Duration::from_micros(self.shared.cfg.spin_us);
                 while Instant::now() < spin_until {
-                    if !self.rx.is_empty() || self.hook_pending() {
+                    if !self.rx.is_empty() || self.hook_pending() || self.io.events_waiting() {
                         idle = false;
                         break;
                     }
