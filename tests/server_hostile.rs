@@ -239,6 +239,52 @@ fn pipelined_requests_are_answered_in_order_by_the_thread_front_end() {
     );
 }
 
+/// The shards accept on the one listener through their rings and hand connections to the
+/// shard with the fewest, so however the kernel picks the accepting shard, and whichever
+/// connections close, the counts never differ by more than one; every connection works.
+#[test]
+fn connections_spread_evenly_over_the_shards() {
+    let dir = Scratch::new("server-spread");
+    let mut srv = ServerProc::start(&dir, "");
+    let per_shard = |want_total: usize| -> Vec<usize> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stats = info(srv.port, "statistics");
+            let counts: Vec<usize> = stats
+                .split(';')
+                .find_map(|kv| kv.strip_prefix("client_connections_per_shard="))
+                .unwrap_or_else(|| panic!("no client_connections_per_shard in {stats}"))
+                .trim_end()
+                .split(',')
+                .map(|n| n.parse().unwrap())
+                .collect();
+            if counts.iter().sum::<usize>() == want_total {
+                return counts;
+            }
+            assert!(Instant::now() < deadline, "{counts:?} never added up to {want_total}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut conns: Vec<TcpStream> = (0..9).map(|_| connect(srv.port)).collect();
+    let counts = per_shard(9);
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    assert!(counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1, "9 connections: {counts:?}");
+    // Close the first four (whatever shards serve them), open four more.
+    conns.drain(..4);
+    per_shard(5);
+    conns.extend((0..4).map(|_| connect(srv.port)));
+    let counts = per_shard(9);
+    assert!(counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1, "after churn: {counts:?}");
+    for (i, s) in conns.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&request(i as i64, Some(i as i64))).unwrap();
+        assert_eq!(response(s).unwrap(), (0, None), "connection {i}");
+    }
+    drop(conns);
+    per_shard(0);
+    assert!(srv.stop().success());
+}
+
 /// One info command's value, on a connection of its own.
 fn info(port: u16, cmd: &str) -> String {
     common::info_round_trip(port, &format!("{cmd}\n")).expect("info request")

@@ -38,7 +38,7 @@ pub const REFERENCE: &str = r#"CONFIGURATION (TOML, Aerospike option names):
     idle-timeout-secs = 0        close connections idle this long (0 = never)
     max-inflight = 64            pipelined requests executed at once per connection
     front-end = "shards"         "shards": connections are served inside the shard threads'
-                                 loops (their sockets watched by each shard's io_uring);
+                                 loops (accept, receive and send on each shard's io_uring);
                                  "threads": one thread per connection (the first design,
                                  kept for comparison)
     cluster-name = "name"        reported by the info command cluster-name (default: null)

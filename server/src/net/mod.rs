@@ -1,13 +1,13 @@
 //! The network front-end.
 //!
-//! One acceptor thread takes connections (refusing them beyond `max-connections`) and, with
-//! `front-end = "shards"` (the default), hands each to a shard's `ShardNet` in
-//! turn: the connection is then served inside that shard's loop (see `shard_net.rs`). Info
-//! requests, which may wait on the whole engine, move their connection to a thread of its
-//! own running `conn.rs`.
+//! With `front-end = "shards"` (the default) every shard of the first namespace runs a
+//! `ShardNet` in its loop (see `shard_net.rs`): it accepts, receives and sends through the
+//! shard's io_uring, refusing connections beyond `max-connections` and spreading them so
+//! that each shard serves as many. Info requests, which may wait on the whole engine, move
+//! their connection to a thread of its own running `conn.rs`.
 //!
-//! `conn.rs` is the blocking front-end, and with `front-end = "threads"` every connection
-//! gets one: a thread reads whole frames into a buffer that grows only as bytes arrive,
+//! `conn.rs` is the blocking front-end, and with `front-end = "threads"` an acceptor thread
+//! gives every connection one: a thread reads whole frames into a buffer that grows only as bytes arrive,
 //! decodes every complete frame, submits single-record commands to the owning shard
 //! (`Engine::submit`, up to `max-inflight` at once, so pipelined requests overlap) and writes
 //! the responses back in request order; batches and scans stream their responses.
@@ -18,7 +18,7 @@ mod stats;
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,8 @@ pub use stats::NetStats;
 pub(crate) const CONN_STACK_BYTES: usize = 256 << 10;
 /// How long shutdown waits for connections to finish their requests.
 const DRAIN_WAIT: Duration = Duration::from_secs(10);
+/// How often `Server::run` looks whether it was asked to stop, while the shards serve.
+const STOP_POLL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -59,6 +61,11 @@ pub struct Shared {
     pub node_id: String,
     pub stopping: AtomicBool,
     pub started: Instant,
+    /// The shards' front-ends, in shard order (empty with `front-end = "threads"`).
+    pub(crate) inboxes: Vec<Arc<shard_net::Inbox>>,
+    /// The listening socket the shards accept on (None with `front-end = "threads"`). The
+    /// `Server` owns it and keeps it open until the engines have stopped.
+    pub(crate) listener_fd: Option<std::os::fd::RawFd>,
 }
 
 impl Shared {
@@ -163,6 +170,10 @@ impl InfoSource for Shared {
         v.push(("device_writes".into(), writes.to_string()));
         v.push(("cache_read_hits".into(), hits.to_string()));
         v.extend(self.stats.list());
+        if !self.inboxes.is_empty() {
+            let per_shard: Vec<String> = self.inboxes.iter().map(|i| i.connections().to_string()).collect();
+            v.push(("client_connections_per_shard".into(), per_shard.join(",")));
+        }
         v
     }
 
@@ -211,10 +222,8 @@ fn node_id(port: u16) -> String {
 /// A running server: engines open, listener bound.
 pub struct Server {
     shared: Arc<Shared>,
+    /// Declared after `shared`: closed after the engines (whose shards accept on it) stop.
     listener: TcpListener,
-    /// The shards' front-ends (empty with `front-end = "threads"`).
-    inboxes: Vec<Arc<shard_net::Inbox>>,
-    next_inbox: AtomicUsize,
 }
 
 /// A handle that stops a running server from another thread (the signal thread).
@@ -272,8 +281,8 @@ impl Server {
             // The first namespace's shards also serve the network.
             let mut hooks: Vec<Box<dyn ferrospike_engine::hook::ShardHook>> = Vec::new();
             if cfg.service.shard_front_end && namespaces.is_empty() {
-                for _ in 0..ns.engine.shards {
-                    let (net, inbox) = shard_net::ShardNet::new(late.clone(), &name)?;
+                for i in 0..ns.engine.shards {
+                    let (net, inbox) = shard_net::ShardNet::new(late.clone(), &name, i)?;
                     hooks.push(Box::new(net));
                     inboxes.push(inbox);
                 }
@@ -294,7 +303,7 @@ impl Server {
             "listening on {}:{port}: front-end {}, max-connections {}, max-msg-size {}, request-deadline-ms {}, idle-timeout-secs {}",
             service.address,
             if service.shard_front_end {
-                format!("inside the {} shard loops", inboxes.len())
+                format!("inside the {} shard loops (accept, receive, send on their io_urings)", inboxes.len())
             } else {
                 "one thread per connection".to_string()
             },
@@ -310,9 +319,16 @@ impl Server {
             stats: NetStats::default(),
             stopping: AtomicBool::new(false),
             started: Instant::now(),
+            listener_fd: (!inboxes.is_empty()).then(|| listener.as_raw_fd()),
+            inboxes,
         });
+        // From here the shards accept on the listener.
         let _ = late.set(shared.clone());
-        Ok(Server { shared, listener, inboxes, next_inbox: AtomicUsize::new(0) })
+        // A shard arms its accept on its next turn: wake the sleeping ones.
+        for i in &shared.inboxes {
+            i.wake();
+        }
+        Ok(Server { shared, listener })
     }
 
     pub fn stop_handle(&self) -> StopHandle {
@@ -323,11 +339,15 @@ impl Server {
         self.shared.cfg.port
     }
 
-    /// Accept connections until stopped, then let connections finish and shut the engines
-    /// down (flush, mark devices clean).
+    /// Serve until stopped (accepting here with `front-end = "threads"`; the shards accept
+    /// for themselves otherwise), then let connections finish and shut the engines down
+    /// (flush, mark devices clean).
     pub fn run(self) -> Result<(), ServerError> {
         let sh = &self.shared;
-        loop {
+        while sh.listener_fd.is_some() && !sh.stopping.load(SeqCst) {
+            std::thread::sleep(STOP_POLL);
+        }
+        while sh.listener_fd.is_none() {
             match self.listener.accept() {
                 Ok((sock, peer)) => {
                     if sh.stopping.load(SeqCst) {
@@ -374,14 +394,6 @@ impl Server {
             return; // dropping the socket closes it
         }
         NetStats::bump(&sh.stats.connections_opened);
-        if !self.inboxes.is_empty() {
-            let i = self.next_inbox.fetch_add(1, SeqCst) % self.inboxes.len();
-            if self.inboxes[i].deliver(sock, peer).is_err() {
-                sh.stats.connections_current.fetch_sub(1, SeqCst);
-                tracing::warn!("dropping {peer}: shard {i} is gone");
-            }
-            return;
-        }
         let shared = sh.clone();
         let spawned = std::thread::Builder::new().name("conn".into()).stack_size(CONN_STACK_BYTES).spawn(move || {
             conn::serve(sock, peer, &shared, Vec::new());

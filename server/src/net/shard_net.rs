@@ -1,37 +1,47 @@
 //! The front-end inside the shards' loops (`front-end = "shards"`, the default).
 //!
-//! The acceptor thread hands each new connection to one shard's [`ShardNet`] in turn. A
-//! `ShardNet` is a [`ShardHook`]: it runs on its shard's thread, once per loop turn, with an
-//! epoll set of its connections (and the shard's doorbell) that the shard's io_uring watches
-//! while the shard sleeps. Sockets are non-blocking; each turn reads what has arrived,
-//! decodes every complete frame, and submits single-record commands through the shard:
-//! commands for the shard's own partitions run at once on this thread, the others are
-//! handed to their shard in one batch per destination per turn. Replies come back over a
-//! channel (with the doorbell rung when they come from another shard) and are written in
-//! request order; at most `max-inflight` commands per connection execute at once.
+//! Every socket operation goes through the shard's own io_uring ([`HookCtx::push_sock`]):
+//! each shard keeps an accept armed on the listening socket, one receive armed on each of
+//! its connections while it wants their requests, and at most one send in flight per
+//! connection. What a turn queues (sends, receives, device reads) reaches the kernel in the
+//! shard's one `io_uring_enter` at the end of the turn, and the completions come back at the
+//! start of the next one. A shard that accepts a connection keeps it unless another shard
+//! has fewer, then hands it over through that shard's [`Inbox`], so connections spread
+//! evenly whichever shard's accept the kernel completes.
+//!
+//! Each turn decodes every complete frame received and submits single-record commands
+//! through the shard: commands for the shard's own partitions run at once on this thread,
+//! the others are handed to their shard in one batch per destination per turn. Replies come
+//! back over a channel (with the doorbell rung when they come from another shard) and are
+//! sent in request order; at most `max-inflight` commands per connection execute at once.
 //!
 //! Batch requests and scans run here too: a batch's rows are submitted like single
 //! commands, at most `BATCH_WINDOW` at once per batch; a scan asks the owning shards for one
-//! page of one partition at a time. Finished rows and records are framed and written as they
+//! page of one partition at a time. Finished rows and records are framed and sent as they
 //! come (a response is streamed while it is the oldest one pending).
 //!
 //! Info requests (some wait on the whole engine, which a shard thread must never do) and
 //! scans of another namespace move their connection, with its unread bytes, to a thread of
-//! its own running the blocking front-end (`conn.rs`) once its in-flight replies are written.
-//! (The clients send info on their own tend connections; data connections stay on the
-//! shards.)
+//! its own running the blocking front-end (`conn.rs`) once its in-flight replies are sent
+//! and its receive is cancelled. (The clients send info on their own tend connections;
+//! data connections stay on the shards.)
+//!
+//! A socket stays open while the ring may still name it: closing a connection shuts it
+//! down (which ends its receive and send at once) and the descriptor is closed only when
+//! both have completed, so its number cannot be reused under an operation not yet handed
+//! to the kernel.
 
 use std::collections::VecDeque;
-use std::io::{ErrorKind, Read, Write};
+use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::Ordering::SeqCst;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use ferrospike_engine::hook::{HookCtx, ShardHook};
-use ferrospike_engine::io::Doorbell;
+use ferrospike_engine::io::{Doorbell, SockCompletion, SockId, SockOp, SockRequest};
 use ferrospike_engine::{Command, Digest, Reply, ResultCode};
 
 use super::conn::{
@@ -47,35 +57,52 @@ use crate::proto::response::{
 use crate::proto::scan::{parse_scan, write_scan_record};
 use crate::proto::{Msg, MsgHeader, Reader, PROTO_HEADER_BYTES};
 
-/// epoll token of the doorbell; connection tokens are slab indices.
-const DOORBELL_TOKEN: u64 = u64::MAX;
-/// Events taken per epoll_wait.
-const EVENTS: usize = 128;
-/// Reads per connection per turn, so one busy connection cannot starve the others.
-const READS_PER_TURN: usize = 4;
 /// Unsent response bytes beyond which a connection's requests are no longer read.
 const MAX_OUT_BACKLOG: usize = 4 << 20;
 /// Commands waiting for another shard's channel beyond which no new requests are read.
 const MAX_FORWARD_BACKLOG: usize = 4096;
-/// The longest a turn goes without looking into the epoll set when the ring reports nothing.
-const EPOLL_SAFETY_NET: Duration = Duration::from_millis(5);
 /// How often deadlines, idle and stalled connections are checked.
 const TIMER_EVERY: Duration = Duration::from_millis(50);
+/// How long an accept that failed for want of descriptors or memory waits before it is
+/// armed again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+/// Socket operation tokens: the connection's slot, and what the operation is.
+const TOKEN_RECV: u64 = 1 << 32;
+const TOKEN_SEND: u64 = 2 << 32;
+const TOKEN_ACCEPT: u64 = 3 << 32;
 
-/// Where the acceptor drops connections for one shard.
+/// Where connections for one shard are dropped (by the shard that accepted them, or by the
+/// acceptor thread), and how many that shard serves.
 pub struct Inbox {
     tx: Sender<(TcpStream, SocketAddr)>,
     doorbell: OnceLock<Arc<Doorbell>>,
+    /// Connections the shard serves or is about to (the spread's measure).
+    conns: AtomicUsize,
 }
 
 impl Inbox {
     /// Hand a connection to the shard; gives it back when the shard has gone away.
     pub fn deliver(&self, sock: TcpStream, peer: SocketAddr) -> Result<(), TcpStream> {
-        self.tx.send((sock, peer)).map_err(|e| e.into_inner().0)?;
+        self.conns.fetch_add(1, SeqCst);
+        if let Err(e) = self.tx.send((sock, peer)) {
+            self.conns.fetch_sub(1, SeqCst);
+            return Err(e.into_inner().0);
+        }
         if let Some(d) = self.doorbell.get() {
             d.ring_if_sleeping();
         }
         Ok(())
+    }
+    /// Connections the shard serves.
+    pub fn connections(&self) -> usize {
+        self.conns.load(SeqCst)
+    }
+
+    /// Wake the shard if it sleeps.
+    pub fn wake(&self) {
+        if let Some(d) = self.doorbell.get() {
+            d.ring_if_sleeping();
+        }
     }
 }
 
@@ -158,29 +185,53 @@ struct NetConn {
     /// Sequence number of `slots[0]`.
     base_seq: u64,
     outstanding: usize,
+    /// Response bytes not yet handed to the ring.
     out: Vec<u8>,
-    out_pos: usize,
+    /// The receive in flight, if any.
+    recv: Option<SockId>,
+    /// The receive was asked to end early (before a hand-over).
+    recv_cancelled: bool,
+    /// A receive buffer not in use.
+    rbuf: Vec<u8>,
+    /// The send in flight, if any, and the bytes it has left to send.
+    send: Option<SockId>,
+    sending: usize,
+    /// A send buffer not in use.
+    spare_out: Vec<u8>,
     last_write_progress: Instant,
-    /// epoll events currently registered.
-    interest: u32,
     /// The next frame needs the blocking front-end: hand the connection over once idle.
     migrate: bool,
     /// The client has shut its side down: answer what it sent, then close.
     eof: bool,
+    /// Closed: shut down, waiting for its receive and send to complete before the socket
+    /// is closed and the slot reused. Nothing else happens on it.
+    closed: bool,
     /// The batch request in progress (one at a time per connection).
     batch: Option<BatchJob>,
     /// The scan in progress (one at a time per connection).
     scan: Option<ScanJob>,
 }
 
+impl NetConn {
+    /// The response bytes written but not yet sent.
+    fn backlog(&self) -> usize {
+        self.out.len() + self.sending
+    }
+
+    fn live(&self) -> bool {
+        !self.closed
+    }
+}
+
 /// One shard's front-end.
 pub struct ShardNet {
-    epoll: OwnedFd,
     /// The server, once it exists (shards start before it does; no connection arrives
     /// before it is set).
     sh: Arc<OnceLock<Arc<Shared>>>,
     /// The namespace whose engine runs this shard.
     namespace: String,
+    /// This shard's place in `Shared::inboxes`.
+    index: usize,
     inbox: Arc<Inbox>,
     rx_conns: Receiver<(TcpStream, SocketAddr)>,
     replies_tx: Sender<NetReply>,
@@ -189,40 +240,40 @@ pub struct ShardNet {
     conns: Vec<Option<NetConn>>,
     free: Vec<u32>,
     next_id: u64,
-    events: Vec<libc::epoll_event>,
-    /// When the epoll set was last looked into.
-    last_epoll: Instant,
+    /// The accept armed on the listening socket, if any.
+    accept: Option<SockId>,
+    /// When an accept may be armed again after a failure.
+    accept_after: Option<Instant>,
+    done: Vec<SockCompletion>,
     last_timer: Instant,
-    /// Connections that may have replies or bytes to write.
+    /// Connections that may have replies or bytes to send, or a receive to arm.
     dirty: Vec<u32>,
+    /// Connections not read for now only because of the shard's forward backlog.
+    parked: Vec<u32>,
+    /// Said once: this shard's ring cannot carry sockets.
+    warned_no_sockets: bool,
 }
 
-fn epoll_ctl(ep: RawFd, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> std::io::Result<()> {
-    let mut ev = libc::epoll_event { events, u64: token };
-    // SAFETY: `ev` is a live epoll_event; epoll_ctl only reads it (and ignores it for DEL).
-    if unsafe { libc::epoll_ctl(ep, op, fd, &mut ev) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+fn shutdown(sock: &TcpStream) {
+    // SAFETY: shutdown(2) on a descriptor this connection owns; no memory is involved.
+    unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_RDWR) };
 }
 
 impl ShardNet {
-    /// A front-end for one shard of `namespace`'s engine, and the inbox the acceptor uses.
-    pub fn new(sh: Arc<OnceLock<Arc<Shared>>>, namespace: &str) -> std::io::Result<(ShardNet, Arc<Inbox>)> {
-        // SAFETY: epoll_create1 has no memory-safety preconditions; the result is checked.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor nothing else owns.
-        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+    /// A front-end for shard `index` of `namespace`'s engine, and the inbox connections
+    /// reach it through.
+    pub fn new(
+        sh: Arc<OnceLock<Arc<Shared>>>,
+        namespace: &str,
+        index: usize,
+    ) -> std::io::Result<(ShardNet, Arc<Inbox>)> {
         let (tx, rx_conns) = unbounded();
-        let inbox = Arc::new(Inbox { tx, doorbell: OnceLock::new() });
+        let inbox = Arc::new(Inbox { tx, doorbell: OnceLock::new(), conns: AtomicUsize::new(0) });
         let (replies_tx, replies_rx) = unbounded();
         let net = ShardNet {
-            epoll,
             sh,
             namespace: namespace.to_string(),
+            index,
             inbox: inbox.clone(),
             rx_conns,
             replies_tx,
@@ -231,19 +282,20 @@ impl ShardNet {
             conns: Vec::new(),
             free: Vec::new(),
             next_id: 1,
-            events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS],
-            last_epoll: Instant::now(),
+            accept: None,
+            accept_after: None,
+            done: Vec::new(),
             last_timer: Instant::now(),
             dirty: Vec::new(),
+            parked: Vec::new(),
+            warned_no_sockets: false,
         };
         Ok((net, inbox))
     }
 
-    fn add_conn(&mut self, sh: &Shared, sock: TcpStream, peer: SocketAddr) {
-        if sock.set_nonblocking(true).is_err() {
-            sh.stats.connections_current.fetch_sub(1, SeqCst);
-            return;
-        }
+    /// Serve a connection here (already counted in `connections_current` and in this
+    /// shard's inbox).
+    fn add_conn(&mut self, sock: TcpStream, peer: SocketAddr) {
         let _ = sock.set_nodelay(true);
         let slot = match self.free.pop() {
             Some(s) => s,
@@ -252,14 +304,6 @@ impl ShardNet {
                 (self.conns.len() - 1) as u32
             }
         };
-        let interest = libc::EPOLLIN as u32;
-        if let Err(e) = epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, sock.as_raw_fd(), interest, slot as u64)
-        {
-            tracing::warn!("{peer}: cannot watch the connection: {e}");
-            self.free.push(slot);
-            sh.stats.connections_current.fetch_sub(1, SeqCst);
-            return;
-        }
         let now = Instant::now();
         let id = self.next_id;
         self.next_id += 1;
@@ -274,70 +318,231 @@ impl ShardNet {
             base_seq: 0,
             outstanding: 0,
             out: Vec::new(),
-            out_pos: 0,
+            recv: None,
+            recv_cancelled: false,
+            rbuf: Vec::new(),
+            send: None,
+            sending: 0,
+            spare_out: Vec::new(),
             last_write_progress: now,
-            interest,
             migrate: false,
             eof: false,
+            closed: false,
             batch: None,
             scan: None,
         });
+        self.dirty.push(slot);
+    }
+
+    /// A live connection.
+    fn conn(&mut self, slot: u32) -> Option<&mut NetConn> {
+        self.conns.get_mut(slot as usize).and_then(Option::as_mut).filter(|c| c.live())
     }
 
     fn close(&mut self, sh: &Shared, slot: u32, why: Close) {
-        if let Some(c) = self.conns[slot as usize].take() {
-            // Closing the socket removes it from the epoll set.
-            log_close(c.peer, why, sh);
-            sh.stats.connections_current.fetch_sub(1, SeqCst);
+        let Some(c) = self.conn(slot) else { return };
+        c.closed = true;
+        // Ends the receive and the send at once (end of stream, broken pipe).
+        shutdown(&c.sock);
+        let peer = c.peer;
+        log_close(peer, why, sh);
+        sh.stats.connections_current.fetch_sub(1, SeqCst);
+        self.inbox.conns.fetch_sub(1, SeqCst);
+        self.reclaim(slot);
+    }
+
+    /// Free a closed connection's slot (closing its socket) once the ring is done with it.
+    fn reclaim(&mut self, slot: u32) {
+        let idle = self.conns[slot as usize].as_ref().is_some_and(|c| c.closed && c.recv.is_none() && c.send.is_none());
+        if idle {
+            self.conns[slot as usize] = None;
             self.free.push(slot);
         }
     }
 
-    /// Read what has arrived on a connection and submit its complete requests.
-    fn read_conn(&mut self, sh: &Shared, slot: u32, ctx: &mut HookCtx<'_>) {
-        for _ in 0..READS_PER_TURN {
-            let Some(c) = self.conns[slot as usize].as_mut() else { return };
-            if c.eof || throttled(c, sh, ctx) {
-                break;
+    /// Arm a receive on a connection when it wants requests and has none armed.
+    fn arm_recv(&mut self, sh: &Shared, slot: u32, ctx: &mut HookCtx<'_>) {
+        let backlog = ctx.forward_backlog();
+        let Some(c) = self.conn(slot) else { return };
+        if c.recv.is_some() || c.eof || held(c, sh) {
+            return;
+        }
+        if backlog > MAX_FORWARD_BACKLOG {
+            self.parked.push(slot);
+            return;
+        }
+        let mut buf = std::mem::take(&mut c.rbuf);
+        buf.resize(read_window(&c.inbuf), 0);
+        let req =
+            SockRequest { token: TOKEN_RECV | slot as u64, fd: c.sock.as_raw_fd(), op: SockOp::Recv { buf, at: 0 } };
+        c.recv = Some(ctx.push_sock(req));
+    }
+
+    /// Hand the connection's unsent response bytes to the ring when no send is in flight.
+    fn send(&mut self, slot: u32, ctx: &mut HookCtx<'_>) {
+        let Some(c) = self.conn(slot) else { return };
+        if c.send.is_some() || c.out.is_empty() {
+            return;
+        }
+        let buf = std::mem::replace(&mut c.out, std::mem::take(&mut c.spare_out));
+        c.sending = buf.len();
+        let req =
+            SockRequest { token: TOKEN_SEND | slot as u64, fd: c.sock.as_raw_fd(), op: SockOp::Send { buf, at: 0 } };
+        c.send = Some(ctx.push_sock(req));
+    }
+
+    /// A receive completed: keep what arrived and submit the complete requests.
+    fn on_recv(&mut self, sh: &Shared, slot: u32, result: std::io::Result<usize>, op: SockOp, ctx: &mut HookCtx<'_>) {
+        let SockOp::Recv { mut buf, .. } = op else { unreachable!("a receive token names a receive") };
+        let Some(c) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else { return };
+        c.recv = None;
+        if c.closed {
+            self.reclaim(slot);
+            return;
+        }
+        match result {
+            Ok(0) => {
+                // A half-closed client still gets the answers to what it sent; `flush`
+                // closes the connection once they are written.
+                c.eof = true;
             }
-            let have = c.inbuf.len();
-            let want = read_window(&c.inbuf);
-            c.inbuf.resize(have + want, 0);
-            match c.sock.read(&mut c.inbuf[have..]) {
-                Ok(0) => {
-                    // A half-closed client still gets the answers to what it sent; `flush`
-                    // closes the connection once they are written.
-                    c.inbuf.truncate(have);
-                    c.eof = true;
-                    break;
+            Ok(n) => {
+                buf.truncate(n);
+                let now = Instant::now();
+                c.last_activity = now;
+                if c.inbuf.is_empty() {
+                    c.first_byte = Some(now);
+                    std::mem::swap(&mut c.inbuf, &mut buf);
+                } else {
+                    c.inbuf.extend_from_slice(&buf);
                 }
-                Ok(n) => {
-                    c.inbuf.truncate(have + n);
-                    let now = Instant::now();
-                    c.last_activity = now;
-                    if have == 0 {
-                        c.first_byte = Some(now);
-                    }
+                buf.clear();
+                if buf.capacity() <= KEEP_BUF_BYTES {
+                    c.rbuf = buf;
+                }
+                if !throttled(c, sh, ctx) {
                     if let Err(why) = self.process(sh, slot, ctx) {
                         self.close(sh, slot, why);
                         return;
                     }
-                    if n < want {
-                        break;
-                    }
                 }
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
-                    c.inbuf.truncate(have);
-                    break;
-                }
-                Err(e) => {
-                    c.inbuf.truncate(have);
-                    self.close(sh, slot, Close::Io(e));
-                    return;
-                }
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::Interrupted | ErrorKind::WouldBlock) => {}
+            Err(e) => {
+                self.close(sh, slot, Close::Io(e));
+                return;
             }
         }
         self.dirty.push(slot);
+    }
+
+    /// A send completed: send the rest, or take the next responses.
+    fn on_send(&mut self, sh: &Shared, slot: u32, result: std::io::Result<usize>, op: SockOp, ctx: &mut HookCtx<'_>) {
+        let SockOp::Send { buf, at } = op else { unreachable!("a send token names a send") };
+        let Some(c) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else { return };
+        c.send = None;
+        if c.closed {
+            self.reclaim(slot);
+            return;
+        }
+        let at = match result {
+            Ok(0) => {
+                self.close(sh, slot, Close::Io(ErrorKind::WriteZero.into()));
+                return;
+            }
+            Ok(n) => at + n,
+            Err(e) if matches!(e.kind(), ErrorKind::Interrupted | ErrorKind::WouldBlock) => at,
+            Err(e) => {
+                self.close(sh, slot, Close::Io(e));
+                return;
+            }
+        };
+        if at > 0 {
+            c.last_write_progress = Instant::now();
+        }
+        if at < buf.len() {
+            c.sending = buf.len() - at;
+            let req =
+                SockRequest { token: TOKEN_SEND | slot as u64, fd: c.sock.as_raw_fd(), op: SockOp::Send { buf, at } };
+            c.send = Some(ctx.push_sock(req));
+        } else {
+            c.sending = 0;
+            let mut buf = buf;
+            buf.clear();
+            if buf.capacity() <= KEEP_BUF_BYTES {
+                c.spare_out = buf;
+            }
+        }
+        self.dirty.push(slot);
+    }
+
+    /// Arm an accept on the listening socket, unless one is armed, the server is stopping
+    /// or a failed accept is backing off.
+    fn arm_accept(&mut self, sh: &Shared, ctx: &mut HookCtx<'_>) {
+        let Some(fd) = sh.listener_fd.filter(|_| self.accept.is_none() && !sh.stopping.load(SeqCst)) else {
+            return;
+        };
+        if self.accept_after.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        self.accept_after = None;
+        self.accept = Some(ctx.push_sock(SockRequest { token: TOKEN_ACCEPT, fd, op: SockOp::Accept }));
+    }
+
+    /// An accept completed: serve the connection here or on the shard with the fewest.
+    fn on_accept(&mut self, sh: &Shared, result: std::io::Result<usize>) {
+        self.accept = None;
+        let fd = match result {
+            Ok(fd) => fd as RawFd,
+            Err(e) => {
+                if !sh.stopping.load(SeqCst) && e.raw_os_error() != Some(libc::ECANCELED) {
+                    tracing::warn!("accept failed: {e}");
+                    // Out of descriptors or memory: back off instead of spinning.
+                    self.accept_after = Some(Instant::now() + ACCEPT_BACKOFF);
+                }
+                return;
+            }
+        };
+        // SAFETY: the ring's accept returned a fresh descriptor that nothing else owns.
+        let sock = unsafe { TcpStream::from_raw_fd(fd) };
+        if sh.stopping.load(SeqCst) {
+            return; // dropping the socket closes it
+        }
+        let peer = match sock.peer_addr() {
+            Ok(p) => p,
+            Err(_) => return, // gone already
+        };
+        let n = sh.stats.connections_current.fetch_add(1, SeqCst);
+        if n >= sh.cfg.max_connections {
+            sh.stats.connections_current.fetch_sub(1, SeqCst);
+            NetStats::bump(&sh.stats.connections_refused);
+            tracing::debug!("refusing {peer}: {n} connections open");
+            return;
+        }
+        NetStats::bump(&sh.stats.connections_opened);
+        // The shard with the fewest connections; this one on a tie.
+        let mut best = self.index;
+        let mut fewest = self.inbox.conns.load(SeqCst);
+        for (i, inbox) in sh.inboxes.iter().enumerate() {
+            let n = inbox.conns.load(SeqCst);
+            if n < fewest {
+                (best, fewest) = (i, n);
+            }
+        }
+        let sock = if best == self.index {
+            sock
+        } else {
+            match sh.inboxes[best].deliver(sock, peer) {
+                Ok(()) => return,
+                Err(sock) => {
+                    tracing::warn!("shard {best} is gone; serving {peer} here");
+                    sock
+                }
+            }
+        };
+        self.inbox.conns.fetch_add(1, SeqCst);
+        self.add_conn(sock, peer);
     }
 
     /// Handle the complete frames at the start of a connection's buffer, up to the
@@ -484,7 +689,7 @@ impl ShardNet {
     /// Run more rows of the connection's batch, and frame the rows that have finished.
     fn pump_batch(&mut self, sh: &Shared, slot: u32, ctx: &mut HookCtx<'_>) {
         let Some(c) = self.conns[slot as usize].as_mut().filter(|c| c.batch.is_some()) else { return };
-        let backlog = c.out.len() - c.out_pos + c.slots.iter().map(|s| s.bytes.len()).sum::<usize>();
+        let backlog = c.backlog() + c.slots.iter().map(|s| s.bytes.len()).sum::<usize>();
         let Some(job) = c.batch.as_mut() else { return };
         let BatchJob { body, cursor, seq, outstanding, all_submitted, rows } = job;
         if !*all_submitted && *outstanding < BATCH_WINDOW && backlog < MAX_OUT_BACKLOG {
@@ -542,7 +747,7 @@ impl ShardNet {
     /// Ask for the connection's scan's next page, and frame the records that came back.
     fn pump_scan(&mut self, slot: u32, ctx: &mut HookCtx<'_>) {
         let Some(c) = self.conns[slot as usize].as_mut().filter(|c| c.scan.is_some()) else { return };
-        let backlog = c.out.len() - c.out_pos + c.slots.iter().map(|s| s.bytes.len()).sum::<usize>();
+        let backlog = c.backlog() + c.slots.iter().map(|s| s.bytes.len()).sum::<usize>();
         let Some(job) = c.scan.as_mut() else { return };
         if job.result.is_none() && (job.left == 0 || job.next >= job.partitions.len()) {
             job.result = Some(ResultCode::Ok);
@@ -587,16 +792,16 @@ impl ShardNet {
         }
     }
 
-    /// Write a connection's finished responses, in order, as far as the socket takes them.
+    /// Send a connection's finished responses, in order; take up requests held back; arm
+    /// its receive; close or hand it over when its time has come.
     fn flush(&mut self, sh: &Shared, slot: u32, ctx: &mut HookCtx<'_>) {
+        if self.conn(slot).is_none() {
+            return;
+        }
         self.pump_batch(sh, slot, ctx);
         self.pump_scan(slot, ctx);
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conn(slot) else { return };
         while let Some(front) = c.slots.front_mut() {
-            if c.out_pos == c.out.len() {
-                c.out.clear();
-                c.out_pos = 0;
-            }
             c.out.append(&mut front.bytes);
             if !front.done {
                 break;
@@ -604,47 +809,33 @@ impl ShardNet {
             c.slots.pop_front();
             c.base_seq += 1;
         }
-        while c.out_pos < c.out.len() {
-            match c.sock.write(&c.out[c.out_pos..]) {
-                Ok(0) => {
-                    self.close(sh, slot, Close::Io(ErrorKind::WriteZero.into()));
-                    return;
-                }
-                Ok(n) => {
-                    c.out_pos += n;
-                    c.last_write_progress = Instant::now();
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    self.close(sh, slot, Close::Io(e));
-                    return;
-                }
-            }
-        }
-        if c.out_pos == c.out.len() {
-            c.out.clear();
-            c.out_pos = 0;
-            if c.out.capacity() > KEEP_BUF_BYTES {
-                c.out = Vec::new();
-            }
-        }
+        self.send(slot, ctx);
         // Requests already buffered but held back by the in-flight limit.
+        let Some(c) = self.conn(slot) else { return };
         if !c.migrate && !throttled(c, sh, ctx) && c.outstanding < sh.cfg.max_inflight && !c.inbuf.is_empty() {
             let before = c.outstanding + c.slots.len();
             if let Err(why) = self.process(sh, slot, ctx) {
                 self.close(sh, slot, why);
                 return;
             }
-            let Some(c) = self.conns[slot as usize].as_ref() else { return };
+            let Some(c) = self.conn(slot) else { return };
             if c.outstanding + c.slots.len() != before {
                 self.dirty.push(slot);
             }
         }
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
-        let answered = c.outstanding == 0 && c.slots.is_empty() && c.out.is_empty();
+        let Some(c) = self.conn(slot) else { return };
+        let answered = c.outstanding == 0 && c.slots.is_empty() && c.out.is_empty() && c.send.is_none();
         if c.migrate && answered {
-            self.hand_over(sh, slot);
+            match c.recv {
+                None => self.hand_over(sh, slot),
+                Some(id) if !c.recv_cancelled => {
+                    // Its completion (with whatever arrived before) brings the connection
+                    // back here.
+                    c.recv_cancelled = true;
+                    ctx.cancel_sock(id);
+                }
+                Some(_) => {}
+            }
             return;
         }
         if c.eof && answered && next_frame(&c.inbuf, sh.cfg.max_msg_bytes).ok().flatten().is_none() {
@@ -652,31 +843,17 @@ impl ShardNet {
             self.close(sh, slot, Close::Eof);
             return;
         }
-        let mut want = 0u32;
-        if !c.eof && !held(c, sh) {
-            want |= libc::EPOLLIN as u32;
-        }
-        if c.out_pos < c.out.len() {
-            want |= libc::EPOLLOUT as u32;
-        }
-        if want != c.interest {
-            match epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_MOD, c.sock.as_raw_fd(), want, slot as u64) {
-                Ok(()) => c.interest = want,
-                Err(e) => self.close(sh, slot, Close::Io(e)),
-            }
-        }
+        self.arm_recv(sh, slot, ctx);
     }
 
-    /// Give a connection to a thread of its own running the blocking front-end.
+    /// Give a connection to a thread of its own running the blocking front-end (nothing of
+    /// it is with the ring any more).
     fn hand_over(&mut self, sh: &Shared, slot: u32) {
         let Some(c) = self.conns[slot as usize].take() else { return };
+        debug_assert!(c.recv.is_none() && c.send.is_none(), "handing over a connection the ring still uses");
         self.free.push(slot);
-        let _ = epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, c.sock.as_raw_fd(), 0, 0);
+        self.inbox.conns.fetch_sub(1, SeqCst);
         let Some(shared) = self.sh.get().cloned() else { return };
-        if c.sock.set_nonblocking(false).is_err() {
-            sh.stats.connections_current.fetch_sub(1, SeqCst);
-            return;
-        }
         NetStats::bump(&sh.stats.connections_handed_over);
         let (sock, peer, inbuf) = (c.sock, c.peer, c.inbuf);
         let spawned = std::thread::Builder::new().name("conn".into()).stack_size(CONN_STACK_BYTES).spawn(move || {
@@ -700,9 +877,9 @@ impl ShardNet {
         let deadline = Duration::from_millis(sh.cfg.request_deadline_ms);
         let idle = Duration::from_secs(sh.cfg.idle_timeout_secs);
         for slot in 0..self.conns.len() as u32 {
-            let Some(c) = self.conns[slot as usize].as_ref() else { continue };
-            let quiet = c.outstanding == 0 && c.slots.is_empty() && c.out.is_empty();
-            let why = if c.out_pos < c.out.len() && now.duration_since(c.last_write_progress) > WRITE_TIMEOUT {
+            let Some(c) = self.conns[slot as usize].as_ref().filter(|c| c.live()) else { continue };
+            let quiet = c.outstanding == 0 && c.slots.is_empty() && c.backlog() == 0;
+            let why = if c.send.is_some() && now.duration_since(c.last_write_progress) > WRITE_TIMEOUT {
                 Some(Close::WriteStalled)
             } else if !c.migrate
                 && !c.inbuf.is_empty()
@@ -775,28 +952,15 @@ fn throttled(c: &NetConn, sh: &Shared, ctx: &HookCtx<'_>) -> bool {
 }
 
 /// The part of [`throttled`] that only this connection's own progress ends (its replies
-/// arriving, its output draining), so it may switch off the connection's EPOLLIN. The
-/// shard-wide forward backlog clears at the end of the turn without any event on the
-/// connection: a connection parked for it alone would never be woken again.
+/// arriving, its output draining), so its receive need not be armed meanwhile. The
+/// shard-wide forward backlog clears at the end of a turn without any event on the
+/// connection: a connection held back for it alone is parked and looked at again.
 fn held(c: &NetConn, sh: &Shared) -> bool {
-    c.migrate || c.outstanding >= sh.cfg.max_inflight || c.out.len() - c.out_pos > MAX_OUT_BACKLOG
+    c.migrate || c.outstanding >= sh.cfg.max_inflight || c.backlog() > MAX_OUT_BACKLOG
 }
 
 impl ShardHook for ShardNet {
-    fn wake_fd(&self) -> RawFd {
-        self.epoll.as_raw_fd()
-    }
-
     fn start(&mut self, doorbell: Arc<Doorbell>) {
-        if let Err(e) = epoll_ctl(
-            self.epoll.as_raw_fd(),
-            libc::EPOLL_CTL_ADD,
-            doorbell.raw_fd(),
-            libc::EPOLLIN as u32,
-            DOORBELL_TOKEN,
-        ) {
-            tracing::error!("shard front-end: cannot watch the doorbell ({e}); replies rely on timeouts");
-        }
         let _ = self.inbox.doorbell.set(doorbell.clone());
         self.doorbell = Some(doorbell);
     }
@@ -806,55 +970,41 @@ impl ShardHook for ShardNet {
     }
 
     fn turn(&mut self, ctx: &mut HookCtx<'_>) -> bool {
-        let sh = self.sh.get().cloned();
-        let mut did = false;
-        if let Some(sh) = sh.as_deref() {
-            while let Ok((sock, peer)) = self.rx_conns.try_recv() {
-                self.add_conn(sh, sock, peer);
-                did = true;
-            }
-        }
-        // The ring polls the epoll set between turns: when it did not report it readable,
-        // nothing in it was ready, and an epoll_wait would only cost a system call. (Looked
-        // into anyway now and then, should a wake-up ever go missing.)
-        let n = if ctx.woken() || self.last_epoll.elapsed() >= EPOLL_SAFETY_NET {
-            self.last_epoll = Instant::now();
-            // SAFETY: `events` is a live buffer of EVENTS epoll_event entries; the kernel
-            // writes at most that many.
-            unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), self.events.as_mut_ptr(), EVENTS as libc::c_int, 0) }
-        } else {
-            0
-        };
-        let Some(sh) = sh.as_deref() else {
-            // No server yet: only the doorbell can be in the set; reset it.
-            if n > 0 {
-                if let Some(d) = &self.doorbell {
-                    drain_eventfd(d.raw_fd());
-                }
-            }
+        let Some(sh) = self.sh.get().cloned() else {
+            // No server yet: no connection can exist.
             return false;
         };
-        for i in 0..n.max(0) as usize {
-            let ev = self.events[i];
-            let (token, flags) = (ev.u64, ev.events);
-            if token == DOORBELL_TOKEN {
-                if let Some(d) = &self.doorbell {
-                    drain_eventfd(d.raw_fd());
-                }
-                continue;
-            }
+        let sh = &*sh;
+        if !ctx.sockets() && !self.warned_no_sockets {
+            self.warned_no_sockets = true;
+            tracing::error!("shard {}: its ring cannot carry sockets; it serves no connections", ctx.shard_id());
+        }
+        let mut did = false;
+        while let Ok((sock, peer)) = self.rx_conns.try_recv() {
+            self.add_conn(sock, peer);
             did = true;
-            let slot = token as u32;
-            if flags & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
-                self.read_conn(sh, slot, ctx);
-            }
-            if flags & libc::EPOLLOUT as u32 != 0 {
-                self.dirty.push(slot);
+        }
+        let mut done = std::mem::take(&mut self.done);
+        ctx.take_sock_completions(&mut done);
+        did |= !done.is_empty();
+        for d in done.drain(..) {
+            let slot = (d.token & 0xffff_ffff) as u32;
+            match d.token & !0xffff_ffff {
+                TOKEN_RECV => self.on_recv(sh, slot, d.result, d.op, ctx),
+                TOKEN_SEND => self.on_send(sh, slot, d.result, d.op, ctx),
+                TOKEN_ACCEPT => {
+                    self.on_accept(sh, d.result);
+                    while let Ok((sock, peer)) = self.rx_conns.try_recv() {
+                        self.add_conn(sock, peer);
+                    }
+                }
+                other => unreachable!("unknown socket token kind {other:#x}"),
             }
         }
+        self.done = done;
         while let Ok(r) = self.replies_rx.try_recv() {
             did = true;
-            let Some(c) = self.conns.get_mut(r.slot as usize).and_then(Option::as_mut).filter(|c| c.id == r.id) else {
+            let Some(c) = self.conn(r.slot).filter(|c| c.id == r.id) else {
                 continue;
             };
             if let Some(p) = r.page {
@@ -884,6 +1034,9 @@ impl ShardHook for ShardNet {
             }
             self.dirty.push(r.slot);
         }
+        if !self.parked.is_empty() && ctx.forward_backlog() <= MAX_FORWARD_BACKLOG {
+            self.dirty.append(&mut self.parked);
+        }
         let mut dirty = std::mem::take(&mut self.dirty);
         dirty.sort_unstable();
         dirty.dedup();
@@ -896,17 +1049,9 @@ impl ShardHook for ShardNet {
             // Flushing submitted held-back requests: come round again for their replies.
             did = true;
         }
+        self.arm_accept(sh, ctx);
         self.timers(sh);
         did
-    }
-}
-
-/// Reset an eventfd's counter (non-blocking).
-fn drain_eventfd(fd: RawFd) {
-    let mut v: u64 = 0;
-    // SAFETY: reads at most 8 bytes into a live u64; the eventfd is non-blocking.
-    unsafe {
-        libc::read(fd, (&mut v as *mut u64).cast(), 8);
     }
 }
 
