@@ -28,7 +28,10 @@
 #
 # * Load. One request in flight per connection on both sides (ferrospike-bench and
 #   redis-benchmark without -P), closed loop, keys uniformly random over the K keys.
-#   - Ferrospike: `ferrospike-bench -w RU,50|RU,100 -z C -t S -o B1536 -k K --json F`.
+#   - Ferrospike: `ferrospike-bench -a -w RU,50|RU,100 -z C -t S -o B1536 -k K --json F`:
+#     with -a one event loop drives the C connections, as redis-benchmark does; `--client
+#     threads` runs a thread per connection instead (asbench's default, and the official
+#     clients' synchronous calls), which costs more CPU on the shared cores.
 #   - Redis, 100% read: `redis-benchmark -t get -d 1536 -r K -c C -n N --csv`. redis-benchmark
 #     has no duration flag, so N is the rate last measured for the same workload and
 #     connection count times S. A ~2 s calibration before the first run gives the first rate
@@ -46,7 +49,8 @@
 #     (ferrospike-bench reports HDR percentiles per op kind, not merged).
 #   - Redis GETs are checked to have hit (keyspace_misses 0, printed at the end);
 #     ferrospike-bench counts a read of a missing key as an error, also printed.
-#   - redis-benchmark runs single-threaded (its default); so does redis-server's command loop.
+#   - redis-benchmark runs single-threaded (its default), like ferrospike-bench -a; so does
+#     redis-server's command loop.
 # * Fairness. The order of the two systems alternates from cell to cell and from run to run.
 #   The machine is shared and noisy: compare the ratios measured in one run, and look at the
 #   load averages printed at the start and the end.
@@ -63,7 +67,7 @@ benches/server_vs_redis.sh: Ferrospike next to Redis 7 over loopback (issue 3).
 
 USAGE:
     benches/server_vs_redis.sh [--runs N] [--seconds S] [--keys K] [--conns "16 64"]
-                               [--bin-dir DIR] [--device PATH]
+                               [--bin-dir DIR] [--device PATH] [--client async|threads]
 
 OPTIONS:
     --runs N        measured runs of every workload and connection count (default 3)
@@ -80,11 +84,13 @@ OPTIONS:
                     ITS CONTENTS ARE DESTROYED. Ferrospike refuses a device holding data that
                     is not Ferrospike's; one formatted with another namespace or write-block
                     size needs `ferrospike --erase` first.
+    --client MODE   async (default): ferrospike-bench -a, one event loop for all connections,
+                    as redis-benchmark; threads: a thread per connection
     --help          this text
 
 Each measurement runs:
-    ferrospike-bench -w RU,50  -z C -t S -o B1536 -k K     (50% reads, 50% updates)
-    ferrospike-bench -w RU,100 -z C -t S -o B1536 -k K     (100% reads)
+    ferrospike-bench -a -w RU,50  -z C -t S -o B1536 -k K  (50% reads, 50% updates)
+    ferrospike-bench -a -w RU,100 -z C -t S -o B1536 -k K  (100% reads)
     redis-benchmark -t get -d 1536 -r K -c C -n <~S s> --csv                 (100% reads)
     redis-benchmark -t set ... -c C/2  &  redis-benchmark -t get ... -c C/2  (50/50)
 against a ferrospike (2 shards, 1M write blocks) and a redis-server (appendonly yes,
@@ -115,12 +121,13 @@ KEYS=200000
 CONNS="16 64"
 BIN_DIR="$REPO/target/release"
 DEVICE=""
+CLIENT=async
 RECORD=1536
 
 while (($# > 0)); do
     case $1 in
         --help | -h) usage; exit 0 ;;
-        --runs | --seconds | --keys | --conns | --bin-dir | --device)
+        --runs | --seconds | --keys | --conns | --bin-dir | --device | --client)
             (($# >= 2)) || die "$1 needs a value (see --help)"
             case $1 in
                 --runs) RUNS=$2 ;;
@@ -129,6 +136,7 @@ while (($# > 0)); do
                 --conns) CONNS=$2 ;;
                 --bin-dir) BIN_DIR=$2 ;;
                 --device) DEVICE=$2 ;;
+                --client) CLIENT=$2 ;;
             esac
             shift 2
             ;;
@@ -147,6 +155,11 @@ done
 if [[ -n $DEVICE ]]; then
     [[ -b $DEVICE ]] || die "--device $DEVICE is not a block device"
 fi
+case $CLIENT in
+    async) CLIENT_FLAGS=(-a) ;;
+    threads) CLIENT_FLAGS=() ;;
+    *) die "--client must be async or threads" ;;
+esac
 BIN_DIR=$(realpath -m "$BIN_DIR")
 FERROSPIKE="$BIN_DIR/ferrospike"
 BENCH="$BIN_DIR/ferrospike-bench"
@@ -261,6 +274,7 @@ echo "repository:      $REPO at $git_rev"
 [[ $BIN_DIR == "$REPO/target/release" ]] ||
     echo "                 (the binaries come from --bin-dir $BIN_DIR and may be built from other sources)"
 echo "ferrospike:      $("$FERROSPIKE" --version 2>&1 | head -n 1) ($FERROSPIKE)"
+echo "ferrospike client: ferrospike-bench ${CLIENT_FLAGS[*]:-} ($CLIENT: $([[ $CLIENT == async ]] && echo "one event loop for all connections" || echo "a thread per connection"))"
 echo "redis-server:    $(redis-server --version)"
 echo "redis-benchmark: $(redis-benchmark --version 2>&1 | head -n 1)"
 echo "storage:         ferrospike on ${DEVICE:-a sparse 8 GiB file in $WORK}; redis AOF in $WORK/redis"
@@ -472,7 +486,7 @@ redis_measure() { # WORKLOAD CONNS TAG SECONDS
 ferro_measure() { # WORKLOAD CONNS TAG SECONDS -> F_OPS F_P99 F_ERR F_DETAIL
     local w=$1 c=$2 tag=$3 secs=$4 rc=0
     local json="$WORK/out/ferro-$tag.json"
-    run_load "$BENCH" -p "$FERRO_PORT" -k "$KEYS" -o "B$RECORD" -w "$w" -z "$c" -t "$secs" --json "$json" \
+    run_load "$BENCH" "${CLIENT_FLAGS[@]}" -p "$FERRO_PORT" -k "$KEYS" -o "B$RECORD" -w "$w" -z "$c" -t "$secs" --json "$json" \
         >"$WORK/out/ferro-$tag.log" 2>&1 || rc=$?
     if ((rc != 0 && rc != 1)) || [[ ! -s $json ]]; then
         tail -n 20 "$WORK/out/ferro-$tag.log" >&2

@@ -41,3 +41,47 @@ fn insert_then_read_update() {
     );
     drop(server);
 }
+
+/// `--async`: two event loops drive five connections through a linear insert, RU,50 and a
+/// linear delete; then every read misses, which the summary counts as KEY_NOT_FOUND errors.
+#[test]
+fn event_loops_insert_read_update_delete() {
+    let dir = Scratch::new("bench-async");
+    let server = Server::start(&dir);
+    let port = server.port.to_string();
+    let common = ["-p", &port, "-s", "evl", "-k", "3000", "-z", "5", "-a", "-W", "2", "-o", "B200"];
+    let run = |extra: &[&str]| {
+        let mut args = common.to_vec();
+        args.extend(extra);
+        run_tool("bench", &args)
+    };
+    let count = |out: &str, kind: &str| -> u64 {
+        let line = out.lines().find(|l| l.starts_with(&format!("{kind} "))).unwrap_or_else(|| panic!("{out}"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+
+    let r = run(&["-w", "I"]);
+    assert_eq!(r.code, 0, "{}\n--- server log\n{}", r.dump(), server.log_text());
+    assert!(r.stdout.contains("on 2 event loop(s)"), "{}", r.dump());
+    assert_eq!(count(&r.stdout, "write"), 3000, "{}", r.dump());
+
+    let r = run(&["-w", "RU,50", "-t", "2"]);
+    assert_eq!(r.code, 0, "{}", r.dump());
+    assert!(r.stdout.contains("errors: none\n"), "{}", r.dump());
+    assert!(count(&r.stdout, "read") > 0 && count(&r.stdout, "write") > 0, "{}", r.dump());
+
+    let r = run(&["-w", "DB"]);
+    assert_eq!(r.code, 0, "{}", r.dump());
+    assert_eq!(count(&r.stdout, "delete"), 3000, "{}", r.dump());
+
+    let r = run(&["-w", "RU,100", "-t", "1"]);
+    assert_eq!(r.code, 1, "reads of deleted keys fail\n{}", r.dump());
+    let reads = count(&r.stdout, "read");
+    assert!(reads > 0, "{}", r.dump());
+    assert!(r.stdout.contains("KEY_NOT_FOUND"), "{}", r.dump());
+
+    // Flags it cannot honour are refused.
+    let r = run(&["-w", "RU,50", "--batch-size", "4"]);
+    assert_eq!(r.code, 2, "{}", r.dump());
+    drop(server);
+}

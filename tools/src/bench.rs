@@ -2,7 +2,9 @@
 //! for Ferrospike or any Aerospike server.
 //!
 //! One thread per connection (`-z`), one request in flight per connection, as the official
-//! clients do. Without `--throughput` each connection sends its next request as soon as the
+//! clients' synchronous calls do; with `--async`, event loops (`-W`, default 1) each drive
+//! their share of the `-z` connections over non-blocking sockets and epoll, one request in
+//! flight per connection, as asbench's async mode and redis-benchmark do. Without `--throughput` each connection sends its next request as soon as the
 //! previous one is answered (closed loop, latency from the send). With `--throughput` every
 //! request has a scheduled start (open loop) and its latency is counted from it, so a slow
 //! server shows up as latency instead of a quietly lower rate.
@@ -38,6 +40,10 @@ OPTIONS:
                             RU,<pct>   random reads (pct %) and updates (default RU,50)
                             DB         delete every key, then stop
     -z, --threads N         connections, one thread each (default 4)
+    -a, --async             event loops drive the -z connections instead of a thread each
+                            (one request in flight per connection; RU, I and DB, single-key
+                            requests only, closed loop)
+    -W, --event-loops N     event-loop threads with --async (default 1; also --eventLoops)
     -t, --duration SECS     run time of RU (default 10)
         --throughput N      target ops/s across all connections: open loop, latency counted
                             from each request's scheduled start
@@ -94,6 +100,8 @@ pub struct Options {
     pub durable_delete: bool,
     pub send_key: bool,
     pub json: Option<String>,
+    /// Event loops drive the connections (None: a thread per connection).
+    pub event_loops: Option<usize>,
 }
 
 impl Default for Options {
@@ -114,6 +122,7 @@ impl Default for Options {
             durable_delete: false,
             send_key: false,
             json: None,
+            event_loops: None,
         }
     }
 }
@@ -189,6 +198,8 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
             "--durable-delete" => o.durable_delete = true,
             "--send-key" => o.send_key = true,
             "--json" => o.json = Some(v()?),
+            "-a" | "--async" => o.event_loops = Some(o.event_loops.unwrap_or(1)),
+            "-W" | "--event-loops" | "--eventLoops" => o.event_loops = Some(num(a, v()?)?),
             s => return Err(format!("unknown option '{s}' (see --help)")),
         }
     }
@@ -200,6 +211,14 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
     }
     if !(1..=MAX_BATCH).contains(&o.batch_size) {
         return Err(format!("--batch-size must be 1..{MAX_BATCH}"));
+    }
+    if let Some(n) = o.event_loops {
+        if !(1..=o.threads).contains(&n) {
+            return Err(format!("-W must be 1..{} (the connections, -z)", o.threads));
+        }
+        if o.batch_size > 1 || o.throughput.is_some() {
+            return Err("--async runs single-key requests in a closed loop: no --batch-size or --throughput".into());
+        }
     }
     if o.throughput == Some(0) {
         return Err("--throughput must be at least 1".into());
@@ -300,7 +319,7 @@ fn run(o: &Options) -> i32 {
         first_error: Mutex::new(None),
     });
     println!(
-        "ferrospike-bench: {addr} namespace {} set {} keys {}..{} workload {} bins {:?} connections {}{}",
+        "ferrospike-bench: {addr} namespace {} set {} keys {}..{} workload {} bins {:?} connections {}{}{}",
         o.namespace,
         o.set,
         o.start_key,
@@ -308,14 +327,23 @@ fn run(o: &Options) -> i32 {
         o.workload,
         o.bins,
         o.threads,
+        o.event_loops.map(|n| format!(" on {n} event loop(s)")).unwrap_or_default(),
         o.throughput.map(|t| format!(" throughput {t} ops/s (open loop)")).unwrap_or_default()
     );
     let start = Instant::now();
     let done = Arc::new(AtomicU64::new(0));
     let mut threads = Vec::new();
-    for t in 0..o.threads {
+    let workers = o.event_loops.unwrap_or(o.threads);
+    for t in 0..workers {
         let (o, stats, addr, done) = (o.clone(), stats.clone(), addr.clone(), done.clone());
-        threads.push(std::thread::spawn(move || worker(t, &o, &addr, &stats, start, &done)));
+        threads.push(std::thread::spawn(move || match o.event_loops {
+            None => worker(t, &o, &addr, &stats, start, &done),
+            Some(n) => {
+                // Connections t, t + n, t + 2n, ...
+                let mine: Vec<usize> = (t..o.threads).step_by(n).collect();
+                event_loop(&mine, &o, &addr, &stats, &done);
+            }
+        }));
     }
     let limit = match o.workload {
         Workload::ReadUpdate { .. } => Some(Duration::from_secs(o.duration_secs)),
@@ -328,7 +356,7 @@ fn run(o: &Options) -> i32 {
         second += 1;
         let due = start + Duration::from_secs(second);
         let finished = loop {
-            let all_done = done.load(Relaxed) == o.threads as u64;
+            let all_done = done.load(Relaxed) == workers as u64;
             if all_done || Instant::now() >= due {
                 break all_done;
             }
@@ -476,9 +504,7 @@ fn worker(t: usize, o: &Options, addr: &str, stats: &Stats, start: Instant, done
     let mut conn: Option<Conn> = None;
     let mut req = Vec::with_capacity(4096);
     // Linear workloads: this connection's slice of the key range.
-    let per = o.keys.div_ceil(o.threads as u64);
-    let lo = o.start_key + per * t as u64;
-    let hi = (lo + per).min(o.start_key + o.keys);
+    let (lo, hi) = slice_of(o, t);
     let mut next_linear = lo;
     let period_ns = o.throughput.map(|tp| 1e9 * o.threads as f64 / tp as f64);
     let mut issued = 0u64;
@@ -497,29 +523,7 @@ fn worker(t: usize, o: &Options, addr: &str, stats: &Stats, start: Instant, done
             None => Instant::now(),
         };
         issued += 1;
-        let kind = match &o.workload {
-            Workload::Insert | Workload::Delete if next_linear >= hi => break,
-            Workload::Insert => Kind::Write,
-            Workload::Delete => Kind::Delete,
-            Workload::ReadUpdate { read_pct } => {
-                if rng.below(100) < *read_pct as u64 {
-                    if o.batch_size > 1 {
-                        Kind::BatchRead
-                    } else {
-                        Kind::Read
-                    }
-                } else {
-                    Kind::Write
-                }
-            }
-        };
-        let key_of = |rng: &mut Rng, next: &mut u64| match o.workload {
-            Workload::ReadUpdate { .. } => o.start_key + rng.below(o.keys),
-            _ => {
-                *next += 1;
-                *next - 1
-            }
-        };
+        let Some(kind) = next_kind(o, &mut rng, next_linear, hi) else { break };
         let c = match conn.as_mut() {
             Some(c) => c,
             None => match Conn::connect(addr, Duration::from_secs(5)) {
@@ -533,7 +537,7 @@ fn worker(t: usize, o: &Options, addr: &str, stats: &Stats, start: Instant, done
         };
         let result = if kind == Kind::BatchRead {
             let digests: Vec<_> = (0..o.batch_size)
-                .map(|_| UserKey::Int(key_of(&mut rng, &mut next_linear) as i64).digest(&o.set))
+                .map(|_| UserKey::Int(key_of(o, &mut rng, &mut next_linear) as i64).digest(&o.set))
                 .collect();
             encode_batch_get(&mut req, &o.namespace, &o.set, &digests);
             c.batch(&req, digests.len()).map(|(rows, rc)| {
@@ -545,13 +549,7 @@ fn worker(t: usize, o: &Options, addr: &str, stats: &Stats, start: Instant, done
                 0
             })
         } else {
-            let uk = UserKey::Int(key_of(&mut rng, &mut next_linear) as i64);
-            let k = Key { namespace: &o.namespace, set: &o.set, key: &uk, send_key: o.send_key };
-            match kind {
-                Kind::Read => encode_get(&mut req, &k),
-                Kind::Write => encode_put(&mut req, &k, &make_bins(&o.bins, &mut rng)),
-                _ => encode_delete(&mut req, &k, o.durable_delete),
-            }
+            encode_single(o, kind, &mut rng, &mut next_linear, &mut req);
             c.call(&req)
         };
         match result {
@@ -568,6 +566,250 @@ fn worker(t: usize, o: &Options, addr: &str, stats: &Stats, start: Instant, done
         }
     }
     done.fetch_add(1, Relaxed);
+}
+
+/// What the next request of a connection is; None when its slice of a linear workload is
+/// done (`next_linear` reached `hi`).
+fn next_kind(o: &Options, rng: &mut Rng, next_linear: u64, hi: u64) -> Option<Kind> {
+    Some(match &o.workload {
+        Workload::Insert | Workload::Delete if next_linear >= hi => return None,
+        Workload::Insert => Kind::Write,
+        Workload::Delete => Kind::Delete,
+        Workload::ReadUpdate { read_pct } => {
+            if rng.below(100) < *read_pct as u64 {
+                if o.batch_size > 1 {
+                    Kind::BatchRead
+                } else {
+                    Kind::Read
+                }
+            } else {
+                Kind::Write
+            }
+        }
+    })
+}
+
+/// The key of the next request: random for RU, the next of the connection's slice otherwise.
+fn key_of(o: &Options, rng: &mut Rng, next: &mut u64) -> u64 {
+    match o.workload {
+        Workload::ReadUpdate { .. } => o.start_key + rng.below(o.keys),
+        _ => {
+            *next += 1;
+            *next - 1
+        }
+    }
+}
+
+/// Encode a single-key request of `kind` into `req`.
+fn encode_single(o: &Options, kind: Kind, rng: &mut Rng, next_linear: &mut u64, req: &mut Vec<u8>) {
+    let uk = UserKey::Int(key_of(o, rng, next_linear) as i64);
+    let k = Key { namespace: &o.namespace, set: &o.set, key: &uk, send_key: o.send_key };
+    match kind {
+        Kind::Read => encode_get(req, &k),
+        Kind::Write => encode_put(req, &k, &make_bins(&o.bins, rng)),
+        _ => encode_delete(req, &k, o.durable_delete),
+    }
+}
+
+/// This connection's slice `[lo, hi)` of the key range, for linear workloads.
+fn slice_of(o: &Options, t: usize) -> (u64, u64) {
+    let per = o.keys.div_ceil(o.threads as u64);
+    let lo = o.start_key + per * t as u64;
+    (lo, (lo + per).min(o.start_key + o.keys))
+}
+
+/// One connection of an event loop.
+struct LoopConn {
+    conn: Option<AsyncConn>,
+    next_linear: u64,
+    hi: u64,
+    /// The request in flight: its kind and when it was sent.
+    in_flight: Option<(Kind, Instant)>,
+    /// Finished (its slice done), or given up after a network error.
+    done: bool,
+}
+
+/// Drive connections `mine` (indices among the `-z` connections) from one thread: each has
+/// one request in flight; a readable socket's response is recorded and the connection's
+/// next request sent at once.
+fn event_loop(mine: &[usize], o: &Options, addr: &str, stats: &Stats, done: &AtomicU64) {
+    let mut rng = Rng::new();
+    let mut req = Vec::with_capacity(4096);
+    let mut conns: Vec<LoopConn> = mine
+        .iter()
+        .map(|&t| {
+            let (lo, hi) = slice_of(o, t);
+            LoopConn { conn: None, next_linear: lo, hi, in_flight: None, done: false }
+        })
+        .collect();
+    let mut poller = match Poller::new() {
+        Ok(p) => p,
+        Err(e) => {
+            note_net(stats, &WireError::Io(e));
+            done.fetch_add(1, Relaxed);
+            return;
+        }
+    };
+    let mut ready = Vec::new();
+    // Start every connection, then serve whichever answers.
+    ready.extend(0..conns.len());
+    while !stats.stop.load(Relaxed) && conns.iter().any(|c| !c.done) {
+        for &i in &ready {
+            let c = &mut conns[i];
+            if c.done {
+                continue;
+            }
+            if let Some(ac) = c.conn.as_mut() {
+                match ac.try_response() {
+                    Ok(None) => continue,
+                    Ok(Some(rc)) => {
+                        let (kind, sent) = c.in_flight.take().expect("a response answers a request");
+                        stats.record(kind, sent.elapsed().as_nanos() as u64);
+                        if rc != 0 {
+                            stats.errors[rc as usize].fetch_add(1, Relaxed);
+                        }
+                    }
+                    Err(e) => {
+                        note_net(stats, &e);
+                        poller.forget(ac);
+                        c.conn = None;
+                        c.in_flight = None;
+                    }
+                }
+            }
+            if stats.stop.load(Relaxed) {
+                break;
+            }
+            let Some(kind) = next_kind(o, &mut rng, c.next_linear, c.hi) else {
+                c.done = true;
+                continue;
+            };
+            if c.conn.is_none() {
+                match AsyncConn::connect(addr).and_then(|mut ac| poller.watch(&mut ac, i).map(|()| ac)) {
+                    Ok(ac) => c.conn = Some(ac),
+                    Err(e) => {
+                        note_net(stats, &e);
+                        // The thread-per-connection worker retries; an event loop must not
+                        // spin on a server that is gone.
+                        c.done = true;
+                        continue;
+                    }
+                }
+            }
+            encode_single(o, kind, &mut rng, &mut c.next_linear, &mut req);
+            let ac = c.conn.as_mut().expect("connected above");
+            match ac.send(&req) {
+                Ok(()) => c.in_flight = Some((kind, Instant::now())),
+                Err(e) => {
+                    note_net(stats, &e);
+                    poller.forget(ac);
+                    c.conn = None;
+                }
+            }
+        }
+        ready.clear();
+        if let Err(e) = poller.wait(&mut ready, Duration::from_millis(50)) {
+            note_net(stats, &WireError::Io(e));
+            break;
+        }
+    }
+    done.fetch_add(1, Relaxed);
+}
+
+/// A non-blocking connection of an event loop. Requests are small and one is in flight at
+/// a time, so a send is written whole (waiting for room in the rare case the socket has
+/// none); responses are read as they arrive.
+struct AsyncConn {
+    stream: mio::net::TcpStream,
+    inbuf: Vec<u8>,
+}
+
+impl AsyncConn {
+    fn connect(addr: &str) -> Result<AsyncConn, WireError> {
+        let c = Conn::connect(addr, Duration::from_secs(5))?;
+        let stream = c.into_stream();
+        stream.set_nonblocking(true)?;
+        Ok(AsyncConn { stream: mio::net::TcpStream::from_std(stream), inbuf: Vec::with_capacity(4096) })
+    }
+
+    fn send(&mut self, mut req: &[u8]) -> Result<(), WireError> {
+        use std::io::Write;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !req.is_empty() {
+            match self.stream.write(req) {
+                Ok(0) => return Err(WireError::Io(std::io::ErrorKind::WriteZero.into())),
+                Ok(n) => req = &req[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Read what has arrived; the result code once a whole response is in.
+    fn try_response(&mut self) -> Result<Option<u8>, WireError> {
+        use std::io::Read;
+        loop {
+            if let Some(rc) = crate::wire::parse_response(&mut self.inbuf)? {
+                return Ok(Some(rc));
+            }
+            let have = self.inbuf.len();
+            self.inbuf.resize(have + 4096, 0);
+            match self.stream.read(&mut self.inbuf[have..]) {
+                Ok(0) => {
+                    self.inbuf.truncate(have);
+                    return Err(WireError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+                Ok(n) => self.inbuf.truncate(have + n),
+                Err(e) => {
+                    self.inbuf.truncate(have);
+                    match e.kind() {
+                        std::io::ErrorKind::WouldBlock => return Ok(None),
+                        std::io::ErrorKind::Interrupted => {}
+                        _ => return Err(e.into()),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The readiness of an event loop's connections (edge-triggered: a connection is read until
+/// its response is whole or the socket has nothing more), each known by its index.
+struct Poller {
+    poll: mio::Poll,
+    events: mio::Events,
+}
+
+impl Poller {
+    fn new() -> std::io::Result<Poller> {
+        Ok(Poller { poll: mio::Poll::new()?, events: mio::Events::with_capacity(256) })
+    }
+
+    fn watch(&self, c: &mut AsyncConn, index: usize) -> Result<(), WireError> {
+        self.poll.registry().register(&mut c.stream, mio::Token(index), mio::Interest::READABLE)?;
+        Ok(())
+    }
+
+    /// Stop watching a connection about to be dropped.
+    fn forget(&self, c: &mut AsyncConn) {
+        // A failure only means it was not watched.
+        let _ = self.poll.registry().deregister(&mut c.stream);
+    }
+
+    /// The indices of connections that became readable, waiting at most `timeout`.
+    fn wait(&mut self, out: &mut Vec<usize>, timeout: Duration) -> std::io::Result<()> {
+        match self.poll.poll(&mut self.events, Some(timeout)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        out.extend(self.events.iter().map(|e| e.token().0));
+        Ok(())
+    }
 }
 
 fn note_net(stats: &Stats, e: &WireError) {
@@ -598,5 +840,10 @@ mod tests {
         assert!(parse_args(&args("-w XY")).is_err());
         assert!(parse_args(&args("-o Q")).is_err());
         assert!(parse_args(&args("--help")).unwrap_err().contains("USAGE"));
+        assert_eq!(parse_args(&args("-z 8 -a")).unwrap().event_loops, Some(1));
+        assert_eq!(parse_args(&args("-z 8 --async --eventLoops 4")).unwrap().event_loops, Some(4));
+        assert_eq!(parse_args(&args("-z 8")).unwrap().event_loops, None);
+        assert!(parse_args(&args("-z 2 -W 3")).is_err(), "more event loops than connections");
+        assert!(parse_args(&args("-a --throughput 100")).is_err());
     }
 }

@@ -203,6 +203,11 @@ impl Conn {
         Ok(())
     }
 
+    /// The socket, for callers that drive it themselves.
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+
     /// Send a single-record request and return the result code of its response.
     pub fn call(&mut self, req: &[u8]) -> Result<u8, WireError> {
         self.stream.write_all(req)?;
@@ -249,6 +254,25 @@ impl Conn {
             }
         }
     }
+}
+
+/// Take one whole response frame off the front of `buf` and return its result code; None
+/// while it has not arrived in full.
+pub fn parse_response(buf: &mut Vec<u8>) -> Result<Option<u8>, WireError> {
+    let Some(h) = buf.first_chunk::<8>() else { return Ok(None) };
+    if h[0] != PROTO_VERSION || h[1] != MSG_TYPE_AS_MSG {
+        return Err(WireError::Protocol(format!("unexpected proto version {} type {}", h[0], h[1])));
+    }
+    let n = (u64::from_be_bytes(*h) & ((1 << 48) - 1)) as usize;
+    if !(MSG_HEADER_BYTES..=MAX_RESPONSE_BYTES).contains(&n) {
+        return Err(WireError::Protocol(format!("response body of {n} bytes")));
+    }
+    if buf.len() < 8 + n {
+        return Ok(None);
+    }
+    let rc = buf[8 + 5];
+    buf.drain(..8 + n);
+    Ok(Some(rc))
 }
 
 /// Client-side names of the result codes (PROTOCOL.md §1.8).
