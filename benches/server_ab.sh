@@ -5,10 +5,13 @@
 # builds measured together means more than either number.
 #
 #   benches/server_ab.sh [--rounds 3] [--workload RU,100] [--seconds 8] [--keys 200000]
-#                        [--connections 8] [--shards 2] BINARY_A BINARY_B
+#                        [--connections 8] [--shards 2] [--device PATH] BINARY_A BINARY_B
 #
 # Each round starts each binary in turn on a fresh sparse 8 GiB file (1 MiB write blocks, in
-# a temporary directory) on a free 127.0.0.1 port, inserts the keys with
+# a temporary directory), or on the block device --device erased first with `BINARY
+# --erase` (ITS CONTENTS ARE DESTROYED; e.g. the issue's reference setting, a loop device
+# from `losetup -f --show --direct-io=on` over an 8 GiB image), on a free 127.0.0.1 port,
+# inserts the keys with
 # `ferrospike-bench -w I -z 4`, then runs the workload with `ferrospike-bench` and reads the
 # server's user + system CPU time from /proc/PID/stat before and after it. Printed per run:
 # ops/s, the read p99 (the write p99 for a write-only workload) and the server CPU per
@@ -18,8 +21,8 @@
 
 set -euo pipefail
 
-rounds=3 workload=RU,100 seconds=8 keys=200000 conns=8 shards=2
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+rounds=3 workload=RU,100 seconds=8 keys=200000 conns=8 shards=2 device=
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --rounds) rounds=$2; shift 2 ;;
@@ -28,6 +31,7 @@ while [[ $# -gt 0 ]]; do
     --keys) keys=$2; shift 2 ;;
     --connections) conns=$2; shift 2 ;;
     --shards) shards=$2; shift 2 ;;
+    --device) device=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     -*) echo "server_ab.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
     *) break ;;
@@ -37,6 +41,9 @@ if [[ $# -ne 2 ]]; then
   echo "server_ab.sh: give exactly two server binaries" >&2; usage >&2; exit 2
 fi
 bins=("$1" "$2")
+if [[ -n $device && ! -b $device ]]; then
+  echo "server_ab.sh: --device $device is not a block device" >&2; exit 2
+fi
 for b in "${bins[@]}"; do
   [[ -x "$b" ]] || { echo "server_ab.sh: $b is not an executable" >&2; exit 2; }
 done
@@ -58,6 +65,7 @@ free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1
 
 echo "date: $(date -u '+%F %T UTC'); $(nproc) CPUs; load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "workload $workload, $conns connections, ${seconds}s, $keys keys of 1536 B, $shards shards, $rounds rounds"
+echo "storage: ${device:-a fresh sparse 8 GiB file per run}"
 echo "A = ${bins[0]}"
 echo "B = ${bins[1]}"
 for r in $(seq "$rounds"); do
@@ -65,6 +73,12 @@ for r in $(seq "$rounds"); do
     label=$([[ $i == 0 ]] && echo A || echo B)
     port=$(free_port)
     rm -f "$tmp/dev.dat"
+    if [[ -n $device ]]; then
+      storage="devices = [\"$device\"]"
+    else
+      storage="files = [\"$tmp/dev.dat\"]
+file-size = \"8G\""
+    fi
     cat > "$tmp/srv.toml" <<EOF
 [service]
 address = "127.0.0.1"
@@ -73,10 +87,13 @@ shards = $shards
 [[namespaces]]
 name = "test"
 [namespaces.storage]
-files = ["$tmp/dev.dat"]
-file-size = "8G"
+$storage
 write-block-size = "1M"
 EOF
+    if [[ -n $device ]]; then
+      "${bins[$i]}" --config "$tmp/srv.toml" --erase > "$tmp/erase.log" 2>&1 ||
+        { echo "erasing $device failed:"; cat "$tmp/erase.log"; exit 1; }
+    fi
     "${bins[$i]}" --config "$tmp/srv.toml" > "$tmp/server.log" 2>&1 &
     pid=$!
     for _ in $(seq 100); do grep -q "listening on" "$tmp/server.log" && break; sleep 0.1; done
