@@ -386,6 +386,8 @@ impl ShardNet {
         }
         let buf = std::mem::replace(&mut c.out, std::mem::take(&mut c.spare_out));
         c.sending = buf.len();
+        // A stall is counted from here: the connection may have been quiet for long.
+        c.last_write_progress = Instant::now();
         let req =
             SockRequest { token: TOKEN_SEND | slot as u64, fd: c.sock.as_raw_fd(), op: SockOp::Send { buf, at: 0 } };
         c.send = Some(ctx.push_sock(req));
