@@ -17,7 +17,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, RawFd};
 use std::ptr::NonNull;
 use std::rc::Rc;
 use std::time::Duration;
@@ -43,6 +43,9 @@ const SOCK_IDX_BITS: u32 = 24;
 const SOCK_SERIAL_MASK: u64 = (1 << (62 - SOCK_IDX_BITS)) - 1;
 /// Completion queue entries at least, for the sockets' receives armed all at once.
 const MIN_CQ_ENTRIES: u32 = 4096;
+/// Extra non-waiting submissions `submit_and_wait` makes for socket ops that did not fit
+/// the SQ.
+const SOCK_FILL_ROUNDS: usize = 64;
 /// Largest SQ accepted (the kernel's own limit is 32768).
 const MAX_SQ_ENTRIES: u32 = 4096;
 /// Times one request is resubmitted after `EINTR`/`EAGAIN` without progress before it fails.
@@ -362,7 +365,9 @@ pub(super) struct UringBackend {
     ready: VecDeque<IoCompletion>,
     /// Ops whose SQE is with the kernel.
     in_kernel: usize,
-    /// Bound on `in_kernel`: the CQ size less one entry kept for the doorbell.
+    /// Bound on `in_kernel`: the CQ size less one entry kept for the doorbell. Socket ops
+    /// are not counted: more of them may complete at once than the CQ holds, which the
+    /// kernel keeps on its overflow list (IORING_FEAT_NODROP) until an enter flushes it.
     kernel_max: usize,
     doorbell: Option<Wake>,
     doorbell_armed: bool,
@@ -439,7 +444,8 @@ impl UringBackend {
     }
 
     /// Move pending ops (and the doorbell poll, first) into the SQ while there is room in
-    /// the SQ and in the CQ budget. What does not fit stays pending.
+    /// the SQ (and, for device ops, in the CQ budget), then socket ops and cancellations.
+    /// What does not fit stays pending.
     fn fill_sq(&mut self) {
         let mut sq = self.ring.submission();
         if let Some(wake) = self.doorbell.filter(|_| !self.doorbell_armed) {
@@ -481,6 +487,16 @@ impl UringBackend {
             let e = opcode::AsyncCancel::new(target).build().user_data(CANCEL);
             // SAFETY: a cancel SQE references no memory.
             unsafe { sq.push(&e) }.expect("SQ has room (checked)");
+        }
+    }
+
+    /// Drop finished socket ops nobody will reap, closing the descriptors accepts returned.
+    fn discard_sock_ready(&mut self) {
+        for c in self.sock_ready.drain(..) {
+            if let (SockOp::Accept, Ok(fd)) = (&c.op, &c.result) {
+                // SAFETY: the accept returned this descriptor to us and nobody else has seen it.
+                drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(*fd as RawFd) });
+            }
         }
     }
 
@@ -735,6 +751,16 @@ impl IoBackend for UringBackend {
 
     fn submit_and_wait(&mut self, wait: bool, timeout: Option<Duration>) -> Result<(), DeviceError> {
         self.fill_sq();
+        // Socket ops beyond one SQ's worth (many connections arriving at once) go to the
+        // kernel now as well: the caller may be about to sleep, and nothing would bring
+        // them out before its next wake-up. Bounded, should the kernel take none.
+        for _ in 0..SOCK_FILL_ROUNDS {
+            if self.socks_pending.is_empty() && self.cancels.is_empty() {
+                break;
+            }
+            self.enter(false, None)?;
+            self.fill_sq();
+        }
         let block = wait && self.ready.is_empty() && self.sock_ready.is_empty() && !self.rung;
         self.enter(block, timeout)?;
         self.drain_cq();
@@ -887,8 +913,9 @@ impl Drop for UringBackend {
             }
             self.drain_cq();
             self.pending.clear();
-            self.sock_ready.clear();
+            self.discard_sock_ready();
         }
+        self.discard_sock_ready();
         let mut ops: Vec<IoOp> = self.slab.iter_mut().filter_map(Option::take).map(|op| op.op).collect();
         ops.extend(self.ready.drain(..).map(|c| c.op));
         for op in ops {
@@ -1458,6 +1485,24 @@ mod tests {
         let done = wait_socks(&mut io, 1);
         assert_eq!((done[0].token, *done[0].result.as_ref().unwrap()), (6, 0));
         drop(server);
+    }
+
+    #[test]
+    fn socket_ops_beyond_the_sq_go_out_in_one_submission() {
+        use std::io::Write;
+        // 40 receives on a ring of 8 SQ entries: one submission hands them all to the
+        // kernel (a shard about to sleep must not keep any back), and the last one then
+        // completes when its bytes arrive.
+        let pairs: Vec<_> = (0..40).map(|_| tcp_pair()).collect();
+        let mut io = UringBackend::new(8, &[], Vec::new(), None, 0, 0).unwrap();
+        for (i, (_, server)) in pairs.iter().enumerate() {
+            io.push_sock(recv_req(i as u64, server.as_raw_fd()));
+        }
+        io.submit_and_wait(false, None).unwrap();
+        assert_eq!(io.socks_in_kernel, 40, "{} pending", io.socks_pending.len());
+        (&pairs[39].0).write_all(b"x").unwrap();
+        let done = wait_socks(&mut io, 1);
+        assert_eq!((done[0].token, *done[0].result.as_ref().unwrap()), (39, 1));
     }
 
     #[test]
