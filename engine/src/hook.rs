@@ -4,7 +4,8 @@
 //! on that shard's thread: the shard calls [`ShardHook::turn`] once per loop turn. Sockets go
 //! through the shard's own io_uring: [`HookCtx::push_sock`] queues a receive, send or accept,
 //! which reaches the kernel with the shard's next ring submission (one `io_uring_enter` per
-//! turn carries the device I/O and every socket operation of the turn), and its completion
+//! turn carries the device I/O and every socket operation of the turn, unless they overflow
+//! the submission queue), and its completion
 //! wakes a sleeping shard and is handed to the next turn ([`HookCtx::take_sock_completions`]).
 //! A hook may also name a descriptor of its own, [`ShardHook::wake_fd`], that the ring then
 //! watches instead of the doorbell.

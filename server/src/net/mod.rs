@@ -222,8 +222,22 @@ fn node_id(port: u16) -> String {
 /// A running server: engines open, listener bound.
 pub struct Server {
     shared: Arc<Shared>,
-    /// Declared after `shared`: closed after the engines (whose shards accept on it) stop.
-    listener: TcpListener,
+    /// Taken by `run` once the engines, whose shards accept on it, have stopped; a server
+    /// dropped without `run` leaks it (see `Drop`).
+    listener: Option<TcpListener>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let Some(l) = self.listener.take() else { return };
+        if self.shared.listener_fd.is_some() {
+            // The shards may still name the descriptor in an accept (the engines were never
+            // shut down): stop them accepting and never close it, so that its number cannot
+            // be reused under them.
+            self.stop_handle().stop();
+            std::mem::forget(l);
+        }
+    }
 }
 
 /// A handle that stops a running server from another thread (the signal thread).
@@ -237,9 +251,11 @@ impl StopHandle {
     pub fn stop(&self) {
         if !self.shared.stopping.swap(true, SeqCst) {
             tracing::info!("stopping: no new connections; finishing requests in flight");
-            // SAFETY: shutdown(2) on a descriptor the server owns for its whole life (the
-            // handle never outlives `Server::run`'s use of it in practice, and a stale fd
-            // number only makes the call fail). It wakes the blocked accept.
+            // SAFETY: shutdown(2) involves no memory of ours, whatever the descriptor. It is
+            // still the listener's: a server dropped without `run` never closes it, and
+            // `Server::run` closes it only after seeing `stopping` (set by the swap just
+            // above), waiting for connections to drain and shutting the engines down. It
+            // ends the blocked or armed accepts.
             unsafe {
                 libc::shutdown(self.listener_fd, libc::SHUT_RDWR);
             }
@@ -328,11 +344,12 @@ impl Server {
         for i in &shared.inboxes {
             i.wake();
         }
-        Ok(Server { shared, listener })
+        Ok(Server { shared, listener: Some(listener) })
     }
 
     pub fn stop_handle(&self) -> StopHandle {
-        StopHandle { shared: self.shared.clone(), listener_fd: self.listener.as_raw_fd() }
+        let fd = self.listener.as_ref().map_or(-1, |l| l.as_raw_fd());
+        StopHandle { shared: self.shared.clone(), listener_fd: fd }
     }
 
     pub fn local_port(&self) -> u16 {
@@ -342,13 +359,14 @@ impl Server {
     /// Serve until stopped (accepting here with `front-end = "threads"`; the shards accept
     /// for themselves otherwise), then let connections finish and shut the engines down
     /// (flush, mark devices clean).
-    pub fn run(self) -> Result<(), ServerError> {
+    pub fn run(mut self) -> Result<(), ServerError> {
+        let listener = self.listener.take().expect("a server runs once");
         let sh = &self.shared;
         while sh.listener_fd.is_some() && !sh.stopping.load(SeqCst) {
             std::thread::sleep(STOP_POLL);
         }
         while sh.listener_fd.is_none() {
-            match self.listener.accept() {
+            match listener.accept() {
                 Ok((sock, peer)) => {
                     if sh.stopping.load(SeqCst) {
                         break;
@@ -380,6 +398,8 @@ impl Server {
                 result = Err(ServerError::Engine { namespace: ns.name.clone(), source: e });
             }
         }
+        // Only now, with the shards stopped, may the listener's descriptor be closed.
+        drop(listener);
         tracing::info!("stopped");
         result
     }

@@ -4,7 +4,8 @@
 //! each shard keeps an accept armed on the listening socket, one receive armed on each of
 //! its connections while it wants their requests, and at most one send in flight per
 //! connection. What a turn queues (sends, receives, device reads) reaches the kernel in the
-//! shard's one `io_uring_enter` at the end of the turn, and the completions come back at the
+//! shard's one `io_uring_enter` at the end of the turn (more when it queues more than the
+//! submission queue holds), and the completions come back at the
 //! start of the next one. A shard that accepts a connection keeps it unless another shard
 //! has fewer, then hands it over through that shard's [`Inbox`], so connections spread
 //! evenly whichever shard's accept the kernel completes.
@@ -71,8 +72,8 @@ const TOKEN_RECV: u64 = 1 << 32;
 const TOKEN_SEND: u64 = 2 << 32;
 const TOKEN_ACCEPT: u64 = 3 << 32;
 
-/// Where connections for one shard are dropped (by the shard that accepted them, or by the
-/// acceptor thread), and how many that shard serves.
+/// Where connections for one shard are dropped by the shard that accepted them, and how
+/// many that shard serves.
 pub struct Inbox {
     tx: Sender<(TcpStream, SocketAddr)>,
     doorbell: OnceLock<Arc<Doorbell>>,
@@ -485,6 +486,9 @@ impl ShardNet {
         let Some(fd) = sh.listener_fd.filter(|_| self.accept.is_none() && !sh.stopping.load(SeqCst)) else {
             return;
         };
+        if !ctx.sockets() {
+            return; // said once in `turn`
+        }
         if self.accept_after.is_some_and(|t| Instant::now() < t) {
             return;
         }
@@ -498,10 +502,16 @@ impl ShardNet {
         let fd = match result {
             Ok(fd) => fd as RawFd,
             Err(e) => {
-                if !sh.stopping.load(SeqCst) && e.raw_os_error() != Some(libc::ECANCELED) {
-                    tracing::warn!("accept failed: {e}");
-                    // Out of descriptors or memory: back off instead of spinning.
-                    self.accept_after = Some(Instant::now() + ACCEPT_BACKOFF);
+                match e.raw_os_error() {
+                    _ if sh.stopping.load(SeqCst) => {}
+                    Some(libc::ECANCELED) => {}
+                    // That one connection went wrong before it was accepted.
+                    Some(libc::ECONNABORTED | libc::EPROTO | libc::EPERM) => tracing::debug!("accept failed: {e}"),
+                    _ => {
+                        tracing::warn!("accept failed: {e}");
+                        // Out of descriptors or memory: back off instead of spinning.
+                        self.accept_after = Some(Instant::now() + ACCEPT_BACKOFF);
+                    }
                 }
                 return;
             }
@@ -824,6 +834,11 @@ impl ShardNet {
             if c.outstanding + c.slots.len() != before {
                 self.dirty.push(slot);
             }
+        } else if !c.inbuf.is_empty() && !held(c, sh) && ctx.forward_backlog() > MAX_FORWARD_BACKLOG {
+            // Requests already here wait for the shard's backlog alone: no event of this
+            // connection's may come to bring them back (its receive may be armed already,
+            // or the client may have sent everything and be waiting).
+            self.parked.push(slot);
         }
         let Some(c) = self.conn(slot) else { return };
         let answered = c.outstanding == 0 && c.slots.is_empty() && c.out.is_empty() && c.send.is_none();
@@ -855,7 +870,11 @@ impl ShardNet {
         debug_assert!(c.recv.is_none() && c.send.is_none(), "handing over a connection the ring still uses");
         self.free.push(slot);
         self.inbox.conns.fetch_sub(1, SeqCst);
-        let Some(shared) = self.sh.get().cloned() else { return };
+        let Some(shared) = self.sh.get().cloned() else {
+            // Unreachable (a connection exists only once the server does); counted out anyway.
+            sh.stats.connections_current.fetch_sub(1, SeqCst);
+            return;
+        };
         NetStats::bump(&sh.stats.connections_handed_over);
         let (sock, peer, inbuf) = (c.sock, c.peer, c.inbuf);
         let spawned = std::thread::Builder::new().name("conn".into()).stack_size(CONN_STACK_BYTES).spawn(move || {
@@ -968,7 +987,9 @@ impl ShardHook for ShardNet {
     }
 
     fn pending(&self) -> bool {
-        !self.replies_rx.is_empty() || !self.rx_conns.is_empty()
+        // Parked connections are looked at again once the forward backlog has drained,
+        // which may happen after the turn that parked them.
+        !self.replies_rx.is_empty() || !self.rx_conns.is_empty() || !self.parked.is_empty()
     }
 
     fn turn(&mut self, ctx: &mut HookCtx<'_>) -> bool {
