@@ -1,7 +1,7 @@
 //! The in-memory index: per partition, digest → location and metadata.
 //!
 //! Memory layout, chosen for ≤ 64 bytes per record including the map's own overhead:
-//! entries are 48-byte packed records (set id included) in a chunked arena (no growth slack beyond one chunk,
+//! entries are 48-byte packed records (set id and bin-name list included) in a chunked arena (no growth slack beyond one chunk,
 //! freed slots reused through an intrusive free list), and each partition has a hash table
 //! of 4-byte arena slot numbers (hashbrown: 5 bytes per bucket). The digest is already
 //! uniformly distributed, so its bytes are the hash.
@@ -64,6 +64,9 @@ pub struct IndexEntry {
     /// The record was created when the index had no entry for its digest, so no older data
     /// copy of it exists on the device (it may be dropped at expiry without a tombstone).
     pub fresh: bool,
+    /// The record's bin names, as numbered by its shard's [`crate::binsets::BinSets`]
+    /// (0: not known; always 0 after a cold start). Not kept on the device.
+    pub binset: u8,
 }
 
 impl IndexEntry {
@@ -79,6 +82,7 @@ impl IndexEntry {
             set_id,
             tombstone: meta.tombstone,
             key_stored,
+            binset: 0,
             fresh: false,
         }
     }
@@ -92,7 +96,9 @@ const F_KEY: u8 = 0x2;
 const F_FRESH: u8 = 0x4;
 const F_FREE: u8 = 0x80;
 
-/// Packed arena slot: 48 bytes, alignment 1.
+/// Packed arena slot: 48 bytes, alignment 1. `set_id` holds the set id in its low 12 bits
+/// (ids are at most `MAX_SETS`, 4095) and the high 4 bits of `binset`; bits 3..=6 of
+/// `flags` hold its low 4 bits.
 #[derive(Clone, Copy)]
 struct Slot {
     digest: [u8; 20],
@@ -106,6 +112,10 @@ struct Slot {
 }
 
 const _: () = assert!(std::mem::size_of::<Slot>() == 48);
+const _: () = assert!(crate::shared::MAX_SETS <= SET_ID_MASK as usize);
+const SET_ID_MASK: u16 = 0x0FFF;
+const F_BINSET_SHIFT: u32 = 3;
+const F_BINSET_MASK: u8 = 0x0F << F_BINSET_SHIFT;
 const EMPTY_SLOT: Slot = Slot {
     digest: [0; 20],
     loc: [0; 8],
@@ -126,8 +136,12 @@ impl Slot {
         s.lut.copy_from_slice(&e.last_update_ms.to_le_bytes()[..5]);
         s.void_time = e.void_time.to_le_bytes();
         s.generation = e.generation.to_le_bytes();
-        s.set_id = e.set_id.to_le_bytes();
-        s.flags = (e.tombstone as u8 * F_TOMBSTONE) | (e.key_stored as u8 * F_KEY) | (e.fresh as u8 * F_FRESH);
+        debug_assert!(e.set_id <= SET_ID_MASK, "set id {} beyond 12 bits", e.set_id);
+        s.set_id = ((e.set_id & SET_ID_MASK) | (u16::from(e.binset >> 4) << 12)).to_le_bytes();
+        s.flags = (e.tombstone as u8 * F_TOMBSTONE)
+            | (e.key_stored as u8 * F_KEY)
+            | (e.fresh as u8 * F_FRESH)
+            | ((e.binset & 0x0F) << F_BINSET_SHIFT);
         s
     }
 
@@ -143,10 +157,12 @@ impl Slot {
             last_update_ms: u64::from_le_bytes(lut),
             void_time: u32::from_le_bytes(self.void_time),
             generation: u16::from_le_bytes(self.generation),
-            set_id: u16::from_le_bytes(self.set_id),
+            set_id: u16::from_le_bytes(self.set_id) & SET_ID_MASK,
             tombstone: self.flags & F_TOMBSTONE != 0,
             key_stored: self.flags & F_KEY != 0,
             fresh: self.flags & F_FRESH != 0,
+            binset: ((u16::from_le_bytes(self.set_id) >> 12) as u8) << 4
+                | (self.flags & F_BINSET_MASK) >> F_BINSET_SHIFT,
         }
     }
 
@@ -404,10 +420,12 @@ mod tests {
             last_update_ms: i * 7,
             void_time: i as u32,
             generation: (i % 65535) as u16 + 1,
-            set_id: (i % 5) as u16,
+            // Set ids 0..5 and the largest, 4095, next to every bin-name list id.
+            set_id: if i % 6 == 5 { 4095 } else { (i % 6) as u16 },
             tombstone: i.is_multiple_of(10),
             key_stored: i.is_multiple_of(2),
             fresh: i.is_multiple_of(3),
+            binset: (i % 256) as u8,
         }
     }
 
@@ -436,7 +454,7 @@ mod tests {
         let live = model.values().filter(|e| !e.tombstone).count() as u64;
         assert_eq!(idx.records(), live);
         assert_eq!(idx.tombstones(), model.len() as u64 - live);
-        for set in 0..5u16 {
+        for set in (0..5u16).chain([4095]) {
             let n = model.values().filter(|e| !e.tombstone && e.set_id == set).count() as u64;
             assert_eq!(idx.set_records().get(set as usize).copied().unwrap_or(0), n);
         }

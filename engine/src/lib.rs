@@ -7,6 +7,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod api;
+pub mod binsets;
 pub mod coldstart;
 pub mod config;
 pub mod engine;

@@ -188,6 +188,7 @@ pub(crate) struct ShardStats {
     pub device_write_bytes: AtomicU64,
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
+    pub update_reads_skipped: AtomicU64,
     pub read_errors: AtomicU64,
     pub write_errors: AtomicU64,
     pub client_write_bytes: AtomicU64,
@@ -227,6 +228,9 @@ pub struct EngineStats {
     pub device_write_bytes: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
+    /// Updates that merged bins without reading the old record: they wrote every bin it had
+    /// (see [`crate::binsets`]).
+    pub update_reads_skipped: u64,
     /// Records that failed checksum, location or digest checks when read.
     pub read_errors: u64,
     pub write_errors: u64,
@@ -286,6 +290,7 @@ impl EngineStats {
             s.device_write_bytes += st.device_write_bytes.load(Relaxed);
             s.cache_hits += st.cache_hits.load(Relaxed);
             s.cache_misses += st.cache_misses.load(Relaxed);
+            s.update_reads_skipped += st.update_reads_skipped.load(Relaxed);
             s.read_errors += st.read_errors.load(Relaxed);
             s.write_errors += st.write_errors.load(Relaxed);
             s.client_write_bytes += st.client_write_bytes.load(Relaxed);

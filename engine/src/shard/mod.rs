@@ -27,7 +27,7 @@ mod write;
 
 use read::current_of;
 
-use crate::api::{Command, Reply, ScanPage, ScanRecord};
+use crate::api::{Command, ExistsAction, Op, Reply, ScanPage, ScanRecord};
 use crate::error::{DeviceError, FormatError};
 use crate::format::{
     bind_record, decode_record, encode_record, RecordBody, RecordMeta, WblockHeader, WBLOCK_HEADER_BYTES,
@@ -36,7 +36,7 @@ use crate::index::{lut_mask, Index, IndexEntry, Loc};
 use crate::io::{AlignedBuf, Doorbell, IoBackend, IoCompletion, IoOp, IoRequest, WBuf};
 use crate::ops::{self, Current, Outcome};
 use crate::shared::Shared;
-use crate::types::{now_cl_ms, now_cl_secs, Digest, ResultCode};
+use crate::types::{now_cl_ms, now_cl_secs, Bin, Digest, ResultCode, Value};
 
 pub(crate) type Callback = Box<dyn FnOnce(Reply) + Send>;
 pub(crate) type ScanCallback = Box<dyn FnOnce(ScanPage) + Send>;
@@ -227,6 +227,8 @@ pub(crate) struct Shard {
     last_nsup: Instant,
     /// Set name → id, a per-shard cache of the namespace's set registry.
     set_ids: HashMap<String, u16>,
+    /// The lists of bin names this shard stored, numbered for the index entries.
+    binsets: crate::binsets::BinSets,
     peers: Arc<Vec<Peer>>,
     hook: Option<Box<dyn crate::hook::ShardHook>>,
     /// Commands from the hook for other shards, per destination, not yet handed over.
@@ -322,6 +324,7 @@ impl Shard {
             defrag: defrag::DefragState::default(),
             last_nsup: Instant::now(),
             set_ids: HashMap::new(),
+            binsets: crate::binsets::BinSets::default(),
             lut_floor,
             forward: (0..peers.len()).map(|_| Vec::new()).collect(),
             peers,
@@ -577,6 +580,11 @@ impl Shard {
             self.finish(cmd, cb, Some(cur));
             return;
         }
+        if let Some(cur) = self.overwritten_current(&cmd, &e) {
+            self.shared.stats[self.id].update_reads_skipped.fetch_add(1, Relaxed);
+            self.finish(cmd, cb, Some(cur));
+            return;
+        }
         match self.body_from_memory(&e) {
             Some(Ok(body)) => {
                 self.shared.stats[self.id].cache_hits.fetch_add(1, Relaxed);
@@ -595,6 +603,28 @@ impl Shard {
                 self.issue_read(e, ReadFor::Cmd(cmd, cb));
             }
         }
+    }
+
+    /// The current version as far as an update needs it, without reading the record, when
+    /// the update writes (with a value) every bin the record has and nothing but that: the
+    /// merge then keeps the old bins' names and order and none of their values, so they stand
+    /// in as `Nil`s that the writes replace. None when the record must be read: another op
+    /// (read, incr, append, touch, a bin deleted), a policy that is not a merge, a stored key
+    /// (a sent one must be compared with it), or bin names not known or not all written.
+    fn overwritten_current(&self, cmd: &Command, e: &IndexEntry) -> Option<Current> {
+        let merge = matches!(cmd.exists, ExistsAction::Update | ExistsAction::UpdateOnly);
+        if !merge || cmd.delete || cmd.read_all || e.key_stored || cmd.ops.is_empty() {
+            return None;
+        }
+        if !cmd.ops.iter().all(|o| matches!(o, Op::Write(_, v) if !matches!(v, Value::Nil))) {
+            return None;
+        }
+        let names = self.binsets.names(e.binset)?;
+        if !names.iter().all(|n| cmd.ops.iter().any(|o| o.bin_name() == n)) {
+            return None;
+        }
+        let bins = names.iter().map(|n| Bin { name: n.clone(), value: Value::Nil }).collect();
+        Some(Current { generation: e.generation, void_time: e.void_time, key: None, bins })
     }
 
     /// Apply the command and carry out its outcome; then let queued writes of the digest go.
@@ -702,7 +732,9 @@ impl Shard {
         };
         self.scratch = rec;
         self.next_seq += 1;
-        let old = self.index.upsert_marking_fresh(IndexEntry::of_record(&meta, loc, set_id, key.is_some()));
+        let mut entry = IndexEntry::of_record(&meta, loc, set_id, key.is_some());
+        entry.binset = self.binsets.id_of(bins);
+        let old = self.index.upsert_marking_fresh(entry);
         self.shared.stats[self.id].client_write_bytes.fetch_add(plen as u64, Relaxed);
         if let Some(o) = old {
             self.release_after_flush(slot(dev, CLIENT), o.loc);
