@@ -49,17 +49,30 @@ fn version_of(e: &Engine, key: u64) -> Option<u64> {
 /// at most 2.5 with defrag-lwm-pct 50, and after a restart every key has its latest value.
 #[test]
 fn steady_state_overwrite_runs_on_a_small_device() {
+    steady_state("defrag-steady", config(), 20);
+}
+
+/// The same with 1 MiB wblocks, which defrag reads in several pieces (128 KiB each).
+#[test]
+fn steady_state_with_wblocks_read_in_pieces() {
+    let mut c = config();
+    c.wblock_bytes = MIB as u32;
+    c.post_write_cache_bytes = 4 * MIB;
+    steady_state("defrag-steady-1m", c, 8);
+}
+
+fn steady_state(name: &str, c: EngineConfig, times: u64) {
     common::init_logs();
-    let dir = common::TestDir::new("defrag-steady");
+    let dir = common::TestDir::new(name);
     let spec = common::file_spec(&dir, "dev.dat", 64 * MIB);
-    let e = open(&spec, config());
+    let e = open(&spec, c.clone());
     let record_bytes = 1536u64; // about the stored size of value(): header + bins, padded
     let keys = (64 * MIB * 40 / 100) / record_bytes;
     let mut latest: HashMap<u64, u64> = HashMap::new();
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     let mut min_avail = 100.0f64;
     let mut n = 0u64;
-    while e.stats().client_write_bytes < 20 * 64 * MIB {
+    while e.stats().client_write_bytes < times * 64 * MIB {
         let chunk: Vec<(u64, u64)> = (0..4096)
             .map(|_| {
                 n += 1;
@@ -85,13 +98,13 @@ fn steady_state_overwrite_runs_on_a_small_device() {
         st.defrag_reads,
         min_avail
     );
-    assert!(st.client_write_bytes >= 20 * 64 * MIB);
+    assert!(st.client_write_bytes >= times * 64 * MIB);
     assert!(st.defrag_reads > 0, "defrag must have run");
     assert!(min_avail > 5.0, "avail stayed above stop-writes (lowest {min_avail:.1}%)");
     assert!(st.write_amplification <= 2.5, "write amplification {:.2}", st.write_amplification);
     e.shutdown().unwrap();
     drop(e);
-    let e = open(&spec, config());
+    let e = open(&spec, c);
     for (k, v) in &latest {
         assert_eq!(version_of(&e, *k), Some(*v), "key {k} after restart");
     }

@@ -3,8 +3,10 @@
 //! - A wblock of this shard whose live bytes fall below `defrag-lwm-pct` of its size (and
 //!   that is not in the post-write cache) is queued, emptiest first, unless all its live
 //!   bytes only wait for the write of their newer copies to be released (it then frees
-//!   itself). One wblock at a time is read whole; every record the index still points at
-//!   (exact location match) is copied into the device's defrag write stream with its
+//!   itself). One wblock at a time is read, in pieces of `READ_PIECE_BYTES` one after
+//!   another (so client reads queue behind a piece, not a whole wblock); every record the
+//!   index still points at (exact location match) is copied into the device's defrag write
+//!   stream with its
 //!   checksum re-bound to the new place and its sequence unchanged, and the index is
 //!   repointed. The copies are written with RWF_DSYNC and the source's bytes are released
 //!   only when they complete, so the source returns to the free list only once every copy
@@ -40,11 +42,18 @@ const QUEUE_REFILL: usize = 64;
 /// Bytes of a wblock image walked per loop turn (a sixteenth of a 1 MiB wblock).
 const SLICE_BYTES: usize = 64 * 1024;
 
+/// A wblock is read for defrag in pieces of at most this size, each issued when the one
+/// before has completed, so a client read queued on the device waits behind a piece rather
+/// than behind the whole wblock.
+const READ_PIECE_BYTES: u64 = 128 * 1024;
+
 #[derive(Default)]
 pub(super) struct DefragState {
     queue: VecDeque<(u32, u32)>,
-    /// Wblock reads in flight: tag → (device, wblock).
+    /// Wblock reads in flight (one piece at a time): tag → (device, wblock).
     pub(super) reads: HashMap<u64, (u32, u32)>,
+    /// The pieces of the wblock being read that have arrived, in order.
+    pieces: Vec<AlignedBuf>,
     next_at: Option<Instant>,
     /// The wblock being walked (read in full, state `Defrag`).
     pub(super) job: Option<DefragJob>,
@@ -131,24 +140,42 @@ impl Shard {
                 continue;
             }
             self.wstate[dev as usize][w as usize] = WState::Defrag;
-            let wb = self.wb();
-            let buf = self.io.alloc(wb as usize);
-            let tag = self.tag();
-            self.io.push(IoRequest { tag, dev, offset: w as u64 * wb, op: IoOp::Read { buf } });
-            self.defrag.reads.insert(tag, (dev, w));
+            self.defrag.pieces.clear();
+            self.read_piece(dev, w);
             break;
         }
         self.shared.stats[self.id].defrag_queue.store(self.defrag.queue.len() as u64, Relaxed);
     }
 
+    /// Read the next piece of the wblock being read for defrag.
+    fn read_piece(&mut self, dev: u32, w: u32) {
+        let wb = self.wb();
+        let at = self.defrag.pieces.len() as u64 * READ_PIECE_BYTES;
+        let buf = AlignedBuf::new(READ_PIECE_BYTES.min(wb - at) as usize);
+        let tag = self.tag();
+        self.io.push(IoRequest { tag, dev, offset: w as u64 * wb + at, op: IoOp::Read { buf } });
+        self.defrag.reads.insert(tag, (dev, w));
+    }
+
     pub(super) fn defrag_read_done(&mut self, dev: u32, w: u32, c: IoCompletion) {
-        let IoOp::Read { buf } = c.op else { unreachable!("defrag issues reads") };
+        let IoOp::Read { buf: piece } = c.op else { unreachable!("defrag issues reads") };
         if let Err(e) = c.result {
             tracing::error!("shard {}: defrag read of device {dev} wblock {w} failed: {e}", self.id);
-            self.io.free(buf);
+            self.defrag.pieces.clear();
             self.wstate[dev as usize][w as usize] = WState::Used;
             self.defrag_pause();
             return;
+        }
+        let wb = self.wb() as usize;
+        self.defrag.pieces.push(piece);
+        if self.defrag.pieces.len() * (READ_PIECE_BYTES as usize) < wb {
+            self.read_piece(dev, w);
+            return;
+        }
+        let mut buf = self.io.alloc(wb);
+        for (i, p) in self.defrag.pieces.drain(..).enumerate() {
+            let at = i * READ_PIECE_BYTES as usize;
+            buf[at..at + p.len()].copy_from_slice(&p);
         }
         let stats = &self.shared.stats[self.id];
         stats.defrag_reads.fetch_add(1, Relaxed);
