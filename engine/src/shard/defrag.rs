@@ -52,8 +52,11 @@ pub(super) struct DefragState {
     queue: VecDeque<(u32, u32)>,
     /// Wblock reads in flight (one piece at a time): tag → (device, wblock).
     pub(super) reads: HashMap<u64, (u32, u32)>,
-    /// The pieces of the wblock being read that have arrived, in order.
-    pieces: Vec<AlignedBuf>,
+    /// The image of the wblock being read, filled a piece at a time, and its bytes so far.
+    image: Option<AlignedBuf>,
+    got: usize,
+    /// The buffer pieces are read into, kept between reads.
+    piece: Option<AlignedBuf>,
     next_at: Option<Instant>,
     /// The wblock being walked (read in full, state `Defrag`).
     pub(super) job: Option<DefragJob>,
@@ -140,7 +143,9 @@ impl Shard {
                 continue;
             }
             self.wstate[dev as usize][w as usize] = WState::Defrag;
-            self.defrag.pieces.clear();
+            let image = self.io.alloc(self.wb() as usize);
+            self.defrag.image = Some(image);
+            self.defrag.got = 0;
             self.read_piece(dev, w);
             break;
         }
@@ -150,8 +155,12 @@ impl Shard {
     /// Read the next piece of the wblock being read for defrag.
     fn read_piece(&mut self, dev: u32, w: u32) {
         let wb = self.wb();
-        let at = self.defrag.pieces.len() as u64 * READ_PIECE_BYTES;
-        let buf = AlignedBuf::new(READ_PIECE_BYTES.min(wb - at) as usize);
+        let at = self.defrag.got as u64;
+        let len = READ_PIECE_BYTES.min(wb - at) as usize;
+        let buf = match self.defrag.piece.take() {
+            Some(b) if b.len() == len => b,
+            _ => AlignedBuf::new(len),
+        };
         let tag = self.tag();
         self.io.push(IoRequest { tag, dev, offset: w as u64 * wb + at, op: IoOp::Read { buf } });
         self.defrag.reads.insert(tag, (dev, w));
@@ -159,24 +168,31 @@ impl Shard {
 
     pub(super) fn defrag_read_done(&mut self, dev: u32, w: u32, c: IoCompletion) {
         let IoOp::Read { buf: piece } = c.op else { unreachable!("defrag issues reads") };
-        if let Err(e) = c.result {
-            tracing::error!("shard {}: defrag read of device {dev} wblock {w} failed: {e}", self.id);
-            self.defrag.pieces.clear();
+        let Some(mut image) = self.defrag.image.take() else { unreachable!("a piece read has its image") };
+        let give_up = match &c.result {
+            Err(e) => {
+                tracing::error!("shard {}: defrag read of device {dev} wblock {w} failed: {e}", self.id);
+                true
+            }
+            // Stopping, or latched read-only: the rest of the wblock is not worth reading.
+            Ok(_) => self.stopping.is_some() || self.read_only,
+        };
+        if give_up {
+            self.io.free(image);
             self.wstate[dev as usize][w as usize] = WState::Used;
             self.defrag_pause();
             return;
         }
-        let wb = self.wb() as usize;
-        self.defrag.pieces.push(piece);
-        if self.defrag.pieces.len() * (READ_PIECE_BYTES as usize) < wb {
+        let at = self.defrag.got;
+        image[at..at + piece.len()].copy_from_slice(&piece);
+        self.defrag.got += piece.len();
+        self.defrag.piece = Some(piece);
+        if self.defrag.got < image.len() {
+            self.defrag.image = Some(image);
             self.read_piece(dev, w);
             return;
         }
-        let mut buf = self.io.alloc(wb);
-        for (i, p) in self.defrag.pieces.drain(..).enumerate() {
-            let at = i * READ_PIECE_BYTES as usize;
-            buf[at..at + p.len()].copy_from_slice(&p);
-        }
+        let buf = image;
         let stats = &self.shared.stats[self.id];
         stats.defrag_reads.fetch_add(1, Relaxed);
         stats.defrag_read_bytes.fetch_add(self.wb(), Relaxed);

@@ -611,6 +611,8 @@ impl Shard {
     /// in as `Nil`s that the writes replace. None when the record must be read: another op
     /// (read, incr, append, touch, a bin deleted), a policy that is not a merge, a stored key
     /// (a sent one must be compared with it), or bin names not known or not all written.
+    /// A damaged old copy, which a read would have answered with SERVER_ERROR, is then not
+    /// looked at: the update replaces it, as it replaces a sound one.
     fn overwritten_current(&self, cmd: &Command, e: &IndexEntry) -> Option<Current> {
         let merge = matches!(cmd.exists, ExistsAction::Update | ExistsAction::UpdateOnly);
         if !merge || cmd.delete || cmd.read_all || e.key_stored || cmd.ops.is_empty() {
