@@ -32,7 +32,6 @@
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Command as Proc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -1152,9 +1151,6 @@ struct DriverState {
 struct ShardDriver {
     id: usize,
     ctl: Arc<Ctl>,
-    /// An epoll set holding the shard's doorbell: the descriptor the shard's ring watches.
-    epoll: OwnedFd,
-    bell: Option<Arc<Doorbell>>,
     seen: u64,
     phase: Option<Phase>,
     st: Arc<Mutex<DriverState>>,
@@ -1168,15 +1164,9 @@ struct ShardDriver {
 
 impl ShardDriver {
     fn new(id: usize, ctl: Arc<Ctl>) -> ShardDriver {
-        // SAFETY: epoll_create1 has no memory-safety preconditions; the result is checked.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        assert!(fd >= 0, "epoll_create1: {}", std::io::Error::last_os_error());
         ShardDriver {
             id,
             ctl,
-            // SAFETY: fd is a freshly created descriptor that nothing else owns.
-            epoll: unsafe { OwnedFd::from_raw_fd(fd) },
-            bell: None,
             seen: 0,
             phase: None,
             st: Arc::new(Mutex::new(DriverState {
@@ -1224,27 +1214,11 @@ impl ShardDriver {
 }
 
 impl ShardHook for ShardDriver {
-    fn wake_fd(&self) -> Option<RawFd> {
-        Some(self.epoll.as_raw_fd())
-    }
-
     fn start(&mut self, doorbell: Arc<Doorbell>) {
-        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: 0 };
-        // SAFETY: both descriptors are open; `ev` is a live epoll_event.
-        let rc = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, doorbell.raw_fd(), &mut ev) };
-        assert_eq!(rc, 0, "epoll_ctl: {}", std::io::Error::last_os_error());
-        self.ctl.bells.lock().expect("bells").push(doorbell.clone());
-        self.bell = Some(doorbell);
+        self.ctl.bells.lock().expect("bells").push(doorbell);
     }
 
     fn turn(&mut self, ctx: &mut HookCtx<'_>) -> bool {
-        if ctx.woken() {
-            if let Some(b) = &self.bell {
-                let mut v: u64 = 0;
-                // SAFETY: reads at most 8 bytes into a live u64; the eventfd is non-blocking.
-                unsafe { libc::read(b.raw_fd(), (&mut v as *mut u64).cast(), 8) };
-            }
-        }
         let epoch = self.ctl.epoch.load(Ordering::Acquire);
         if epoch != self.seen {
             self.seen = epoch;

@@ -461,11 +461,7 @@ fn shard_main(
         as usize
         + 2 * shared.devs.len();
     let mut result: Result<(), String> = Ok(());
-    // A hook may have the ring watch a descriptor of its own, which reports the doorbell too.
-    let wake = match links.hook.as_ref().and_then(|h| h.wake_fd()) {
-        Some(fd) => Wake::Other(fd),
-        None => Wake::EventFd(links.doorbell.raw_fd()),
-    };
+    let wake = Wake(links.doorbell.raw_fd());
     let mut io: Option<Box<dyn IoBackend>> = match devices.open_backend(Some(wake), cfg.wblock_bytes as usize, slots) {
         Ok(io) => Some(io),
         Err(e) => {

@@ -5,20 +5,16 @@
 //! through the shard's own io_uring: [`HookCtx::push_sock`] queues a receive, send or accept,
 //! which reaches the kernel with the shard's next ring submission (one `io_uring_enter` per
 //! turn carries the device I/O and every socket operation of the turn, unless they overflow
-//! the submission queue), and its completion
-//! wakes a sleeping shard and is handed to the next turn ([`HookCtx::take_sock_completions`]).
-//! A hook may also name a descriptor of its own, [`ShardHook::wake_fd`], that the ring then
-//! watches instead of the doorbell.
+//! the submission queue), and its completion wakes a sleeping shard and is handed to the next
+//! turn ([`HookCtx::take_sock_completions`]).
 //!
 //! Commands a hook submits through [`HookCtx::submit`] run at once when the shard owns the
 //! digest's partition; the others are collected per destination shard and handed over in
 //! one message per destination per turn, without ever blocking (a full destination channel
 //! keeps the batch for the next turn). Callbacks run on the shard that executes the command;
 //! a hook gets its answers back through a channel of its own and the [`Doorbell`] it is
-//! given at start, which wakes its shard when it sleeps. [`HookCtx::woken`] tells a turn
-//! whether its wake descriptor was reported readable since the previous one.
+//! given at start, which wakes its shard when it sleeps.
 
-use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use crate::api::{Command, Reply, ScanPage};
@@ -29,13 +25,6 @@ use crate::types::{Digest, ResultCode};
 /// Code run by one shard's loop. Everything here runs on the shard thread and must never
 /// block: no waiting on the engine (`Engine::execute`, `stats`, `scan_partition`, ...).
 pub trait ShardHook: Send {
-    /// A descriptor the shard's ring polls for readability while the shard sleeps, instead
-    /// of the doorbell. It must report the doorbell passed to `start` as well (e.g. an epoll
-    /// set holding it). None (the default): the ring watches the doorbell itself.
-    fn wake_fd(&self) -> Option<RawFd> {
-        None
-    }
-
     /// Called once on the shard thread before the first turn, with the shard's doorbell.
     fn start(&mut self, doorbell: Arc<Doorbell>);
 
@@ -43,8 +32,8 @@ pub trait ShardHook: Send {
     /// before the next turn).
     fn turn(&mut self, ctx: &mut HookCtx<'_>) -> bool;
 
-    /// Whether something is queued for the hook that its wake descriptor does not report
-    /// (replies from other threads, say). Checked after the shard announces it will sleep,
+    /// Whether something is queued for the hook that its ring does not report (replies
+    /// from other threads, say). Checked after the shard announces it will sleep,
     /// so whoever queued it before the announcement, and therefore did not ring the
     /// doorbell, is not missed.
     fn pending(&self) -> bool {
@@ -55,19 +44,9 @@ pub trait ShardHook: Send {
 /// What a hook can do with its shard during a turn.
 pub struct HookCtx<'a> {
     pub(crate) shard: &'a mut Shard,
-    pub(crate) woken: bool,
 }
 
 impl HookCtx<'_> {
-    /// Whether the ring saw the wake descriptor (or the doorbell) readable since the previous
-    /// turn. The ring
-    /// keeps a poll on it armed between turns, and a busy shard still collects that poll's
-    /// completion, so a level-triggered descriptor (an epoll set) that is not reported here
-    /// had nothing ready when last polled, and a hook may skip looking into it this turn.
-    pub fn woken(&self) -> bool {
-        self.woken
-    }
-
     /// This shard's number.
     pub fn shard_id(&self) -> usize {
         self.shard.id()

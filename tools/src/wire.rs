@@ -191,13 +191,7 @@ impl Conn {
     fn read_frame(&mut self) -> Result<(), WireError> {
         let mut h = [0u8; 8];
         self.stream.read_exact(&mut h)?;
-        if h[0] != PROTO_VERSION || h[1] != MSG_TYPE_AS_MSG {
-            return Err(WireError::Protocol(format!("unexpected proto version {} type {}", h[0], h[1])));
-        }
-        let n = (u64::from_be_bytes(h) & ((1 << 48) - 1)) as usize;
-        if !(MSG_HEADER_BYTES..=MAX_RESPONSE_BYTES).contains(&n) {
-            return Err(WireError::Protocol(format!("response body of {n} bytes")));
-        }
+        let n = response_body_len(&h)?;
         self.body.resize(n, 0);
         self.stream.read_exact(&mut self.body)?;
         Ok(())
@@ -256,10 +250,9 @@ impl Conn {
     }
 }
 
-/// Take one whole response frame off the front of `buf` and return its result code; None
-/// while it has not arrived in full.
-pub fn parse_response(buf: &mut Vec<u8>) -> Result<Option<u8>, WireError> {
-    let Some(h) = buf.first_chunk::<8>() else { return Ok(None) };
+/// The body length of a response frame from its 8-byte header, checked (an AS_MSG of this
+/// protocol version, a body between a message header and `MAX_RESPONSE_BYTES`).
+fn response_body_len(h: &[u8; 8]) -> Result<usize, WireError> {
     if h[0] != PROTO_VERSION || h[1] != MSG_TYPE_AS_MSG {
         return Err(WireError::Protocol(format!("unexpected proto version {} type {}", h[0], h[1])));
     }
@@ -267,6 +260,14 @@ pub fn parse_response(buf: &mut Vec<u8>) -> Result<Option<u8>, WireError> {
     if !(MSG_HEADER_BYTES..=MAX_RESPONSE_BYTES).contains(&n) {
         return Err(WireError::Protocol(format!("response body of {n} bytes")));
     }
+    Ok(n)
+}
+
+/// Take one whole response frame off the front of `buf` and return its result code; None
+/// while it has not arrived in full.
+pub fn parse_response(buf: &mut Vec<u8>) -> Result<Option<u8>, WireError> {
+    let Some(h) = buf.first_chunk::<8>() else { return Ok(None) };
+    let n = response_body_len(h)?;
     if buf.len() < 8 + n {
         return Ok(None);
     }

@@ -176,26 +176,14 @@ pub trait IoBackend {
     }
 }
 
-/// A descriptor a backend watches while it waits, besides its own completions.
+/// The eventfd (a [`Doorbell`]'s) a backend watches while it waits, besides its own
+/// completions; the backend resets its counter when it fires.
 #[derive(Debug, Clone, Copy)]
-pub enum Wake {
-    /// An eventfd (a [`Doorbell`]'s): the backend resets its counter when it fires.
-    EventFd(RawFd),
-    /// Any other pollable descriptor (a shard hook's epoll set, which holds the doorbell):
-    /// its owner resets whatever made it readable.
-    Other(RawFd),
-}
+pub struct Wake(pub RawFd);
 
 impl Wake {
     pub fn fd(self) -> RawFd {
-        match self {
-            Wake::EventFd(fd) | Wake::Other(fd) => fd,
-        }
-    }
-
-    /// Whether the backend resets the descriptor's counter when it fires.
-    pub fn drains(self) -> bool {
-        matches!(self, Wake::EventFd(_))
+        self.0
     }
 }
 

@@ -640,7 +640,7 @@ mod tests {
         // SAFETY: raw is a fresh descriptor we own.
         let efd = unsafe { OwnedFd::from_raw_fd(raw) };
         let devs = SimDevices::new(vec![SimDisk::new(1 << 20)], 4096);
-        let mut io = devs.open_backend(Some(Wake::EventFd(efd.as_raw_fd())), 0, 0).unwrap();
+        let mut io = devs.open_backend(Some(Wake(efd.as_raw_fd())), 0, 0).unwrap();
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(50));
             let one: u64 = 1;

@@ -557,11 +557,9 @@ impl UringBackend {
         self.doorbell_armed = false;
         let Some(wake) = self.doorbell else { return };
         if res >= 0 {
-            // The poll reported the descriptor readable, so one read resets an eventfd's
-            // counter; no poll(2) first.
-            if wake.drains() {
-                drain_eventfd(wake.fd());
-            }
+            // The poll reported the eventfd readable, so one read resets its counter; no
+            // poll(2) first.
+            drain_eventfd(wake.fd());
             self.rung = true;
         } else if -res != libc::ECANCELED {
             tracing::warn!(
@@ -950,7 +948,7 @@ pub(super) fn wait_eventfd(wake: Option<Wake>, timeout: Option<Duration>) -> boo
     if n != 1 || pfd.revents & libc::POLLIN == 0 {
         return false;
     }
-    if wake.is_some_and(Wake::drains) {
+    if wake.is_some() {
         drain_eventfd(pfd.fd);
     }
     true
@@ -1204,7 +1202,7 @@ mod tests {
     fn doorbell_wakes_a_waiting_backend() {
         let (devs, _f) = file_devices("doorbell", 1 << 20);
         let efd = eventfd();
-        let mut io = backend(&devs, 8, Some(Wake::EventFd(efd.as_raw_fd())), 0, 0);
+        let mut io = backend(&devs, 8, Some(Wake(efd.as_raw_fd())), 0, 0);
         for round in 0..3 {
             let raw = efd.as_raw_fd();
             let ringer = std::thread::spawn(move || {

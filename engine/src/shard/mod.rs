@@ -402,7 +402,7 @@ impl Shard {
             }
             self.timers();
             if let Some(mut h) = self.hook.take() {
-                did += h.turn(&mut crate::hook::HookCtx { shard: &mut self, woken: woke }) as usize;
+                did += h.turn(&mut crate::hook::HookCtx { shard: &mut self }) as usize;
                 self.hook = Some(h);
                 self.hand_over_forwards();
             }

@@ -89,9 +89,7 @@ impl Inbox {
             self.conns.fetch_sub(1, SeqCst);
             return Err(e.into_inner().0);
         }
-        if let Some(d) = self.doorbell.get() {
-            d.ring_if_sleeping();
-        }
+        self.wake();
         Ok(())
     }
     /// Connections the shard serves.
@@ -218,10 +216,6 @@ impl NetConn {
     fn backlog(&self) -> usize {
         self.out.len() + self.sending
     }
-
-    fn live(&self) -> bool {
-        !self.closed
-    }
 }
 
 /// One shard's front-end.
@@ -337,7 +331,7 @@ impl ShardNet {
 
     /// A live connection.
     fn conn(&mut self, slot: u32) -> Option<&mut NetConn> {
-        self.conns.get_mut(slot as usize).and_then(Option::as_mut).filter(|c| c.live())
+        self.conns.get_mut(slot as usize).and_then(Option::as_mut).filter(|c| !c.closed)
     }
 
     fn close(&mut self, sh: &Shared, slot: u32, why: Close) {
@@ -898,7 +892,7 @@ impl ShardNet {
         let deadline = Duration::from_millis(sh.cfg.request_deadline_ms);
         let idle = Duration::from_secs(sh.cfg.idle_timeout_secs);
         for slot in 0..self.conns.len() as u32 {
-            let Some(c) = self.conns[slot as usize].as_ref().filter(|c| c.live()) else { continue };
+            let Some(c) = self.conns[slot as usize].as_ref().filter(|c| !c.closed) else { continue };
             let quiet = c.outstanding == 0 && c.slots.is_empty() && c.backlog() == 0;
             let why = if c.send.is_some() && now.duration_since(c.last_write_progress) > WRITE_TIMEOUT {
                 Some(Close::WriteStalled)
