@@ -239,25 +239,33 @@ fn pipelined_requests_are_answered_in_order_by_the_thread_front_end() {
     );
 }
 
-/// The shards accept on the one listener through their rings and hand connections to the
-/// shard with the fewest, so however the kernel picks the accepting shard, and whichever
-/// connections close, the counts never differ by more than one; every connection works.
+/// A list-valued entry of the info command `statistics`.
+fn stat_list(port: u16, name: &str) -> Vec<String> {
+    let stats = info(port, "statistics");
+    let prefix = format!("{name}=");
+    stats
+        .split(';')
+        .find_map(|kv| kv.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("no {name} in {stats}"))
+        .trim_end()
+        .split(',')
+        .map(str::to_string)
+        .collect()
+}
+
+/// With connection affinity off, the shards accept on the one listener through their rings
+/// and hand connections to the shard with the fewest, so however the kernel picks the
+/// accepting shard, and whichever connections close, the counts never differ by more than
+/// one; every connection works.
 #[test]
 fn connections_spread_evenly_over_the_shards() {
     let dir = Scratch::new("server-spread");
-    let mut srv = ServerProc::start(&dir, "");
+    let mut srv = ServerProc::start(&dir, "connection-affinity = false");
     let per_shard = |want_total: usize| -> Vec<usize> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let stats = info(srv.port, "statistics");
-            let counts: Vec<usize> = stats
-                .split(';')
-                .find_map(|kv| kv.strip_prefix("client_connections_per_shard="))
-                .unwrap_or_else(|| panic!("no client_connections_per_shard in {stats}"))
-                .trim_end()
-                .split(',')
-                .map(|n| n.parse().unwrap())
-                .collect();
+            let counts: Vec<usize> =
+                stat_list(srv.port, "client_connections_per_shard").iter().map(|n| n.parse().unwrap()).collect();
             if counts.iter().sum::<usize>() == want_total {
                 return counts;
             }
@@ -282,6 +290,68 @@ fn connections_spread_evenly_over_the_shards() {
     }
     drop(conns);
     per_shard(0);
+    assert!(srv.stop().success());
+}
+
+/// Pin the calling thread to one CPU.
+fn pin_to(cpu: usize) {
+    // SAFETY: cpu_set_t is plain bytes (all zero is the empty set), CPU_SET writes a bit
+    // inside it, and sched_setaffinity reads at most the size it is given.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(rc, 0, "cannot pin the test thread to CPU {cpu}: {}", std::io::Error::last_os_error());
+}
+
+/// Connection affinity: a client whose thread runs on one CPU is served by the shard pinned
+/// to that CPU, and when the thread moves to the other CPU its connection follows (without
+/// a request lost or answered out of turn). Needs 2 CPUs: the shards are pinned one per CPU.
+#[test]
+fn connections_follow_their_clients_cpu() {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    assert!(cpus >= 2, "this test needs 2 CPUs to put the two shards and its client on; the machine has {cpus}");
+    let dir = Scratch::new("server-affinity");
+    let mut srv = ServerProc::start(&dir, "");
+    let shard_cpus: Vec<usize> =
+        stat_list(srv.port, "shard_cpus").iter().map(|c| c.parse().expect("shards pinned to CPUs")).collect();
+    assert_eq!(shard_cpus.len(), 2, "{shard_cpus:?}");
+    assert_ne!(shard_cpus[0], shard_cpus[1], "{shard_cpus:?}");
+    let port = srv.port;
+    std::thread::spawn(move || {
+        let mut s = connect(port);
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut i = 0i64;
+        for (round, &cpu) in [shard_cpus[0], shard_cpus[1], shard_cpus[0]].iter().enumerate() {
+            pin_to(cpu);
+            let serving = shard_cpus.iter().position(|&c| c == cpu).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut checked = Instant::now();
+            loop {
+                // A put and a get of the value just put, both answered in turn.
+                s.write_all(&request(i % 1000, Some(i))).unwrap();
+                assert_eq!(response(&mut s).unwrap(), (0, None), "put {i}");
+                s.write_all(&request(i % 1000, None)).unwrap();
+                assert_eq!(response(&mut s).unwrap(), (0, Some(i)), "get {i}");
+                i += 1;
+                if checked.elapsed() < Duration::from_millis(100) {
+                    continue;
+                }
+                checked = Instant::now();
+                let counts = stat_list(port, "client_connections_per_shard");
+                if counts.iter().enumerate().all(|(k, n)| n == if k == serving { "1" } else { "0" }) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "round {round}: on CPU {cpu} for 10 s and still {counts:?}");
+            }
+        }
+        i
+    })
+    .join()
+    .expect("the client saw a wrong answer or its connection never followed it");
+    let moved: u64 = stat_list(port, "client_connections_moved")[0].parse().unwrap();
+    assert!(moved >= 2, "client_connections_moved={moved}");
     assert!(srv.stop().success());
 }
 

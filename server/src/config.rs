@@ -41,6 +41,10 @@ pub const REFERENCE: &str = r#"CONFIGURATION (TOML, Aerospike option names):
                                  loops (accept, receive and send on each shard's io_uring);
                                  "threads": one thread per connection (the first design,
                                  kept for comparison)
+    connection-affinity = true   move a connection to the shard pinned to the CPU its
+                                 packets arrive on (SO_INCOMING_CPU), so that a request and
+                                 its answer wake threads on one CPU; a shard takes at most
+                                 half again its even share of connections this way
     cluster-name = "name"        reported by the info command cluster-name (default: null)
 
   [[namespaces]]                 one table per namespace
@@ -123,6 +127,7 @@ struct RawService {
     max_inflight: usize,
     cluster_name: Option<String>,
     front_end: String,
+    connection_affinity: bool,
 }
 
 impl Default for RawService {
@@ -138,6 +143,7 @@ impl Default for RawService {
             max_inflight: 64,
             cluster_name: None,
             front_end: "shards".into(),
+            connection_affinity: true,
         }
     }
 }
@@ -190,6 +196,8 @@ pub struct ServiceConfig {
     pub cluster_name: Option<String>,
     /// Serve connections inside the shard loops (true) or one thread per connection.
     pub shard_front_end: bool,
+    /// Move connections to the shard on the CPU their packets arrive on.
+    pub connection_affinity: bool,
 }
 
 /// One namespace: its engine configuration and devices.
@@ -255,6 +263,7 @@ impl Config {
             max_inflight: s.max_inflight,
             cluster_name: s.cluster_name,
             shard_front_end,
+            connection_affinity: s.connection_affinity,
         };
         if raw.namespaces.is_empty() {
             return Err(bad("namespaces".into(), "at least one [[namespaces]] table is required"));
@@ -352,6 +361,13 @@ mod tests {
         assert_eq!(c.service.max_msg_bytes, 16 << 20);
         assert_eq!(c.namespaces[0].engine.namespace, "test");
         assert_eq!(c.namespaces[0].devices[0].file_size, Some(4 << 30));
+        assert!(c.service.connection_affinity);
+        assert!(
+            !Config::parse(&DEFAULT_CONFIG.replace("[service]\n", "[service]\nconnection-affinity = false\n"))
+                .unwrap()
+                .service
+                .connection_affinity
+        );
     }
 
     #[test]

@@ -174,6 +174,9 @@ impl InfoSource for Shared {
         if !self.inboxes.is_empty() {
             let per_shard: Vec<String> = self.inboxes.iter().map(|i| i.connections().to_string()).collect();
             v.push(("client_connections_per_shard".into(), per_shard.join(",")));
+            let cpus: Vec<String> =
+                self.inboxes.iter().map(|i| i.cpu().map_or_else(|| "none".into(), |c| c.to_string())).collect();
+            v.push(("shard_cpus".into(), cpus.join(",")));
         }
         v
     }

@@ -36,7 +36,7 @@ use std::collections::VecDeque;
 use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -67,27 +67,45 @@ const TIMER_EVERY: Duration = Duration::from_millis(50);
 /// How long an accept that failed for want of descriptors or memory waits before it is
 /// armed again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+/// How often a connection's incoming CPU is looked at (connection affinity).
+const STEER_EVERY: Duration = Duration::from_millis(50);
+/// Connections looked at per look, at most (the rest at the next ones).
+const STEER_BATCH: usize = 256;
+/// A moved connection stays where it is at least this long.
+const STEER_SETTLE: Duration = Duration::from_secs(1);
 /// Socket operation tokens: the connection's slot, and what the operation is.
 const TOKEN_RECV: u64 = 1 << 32;
 const TOKEN_SEND: u64 = 2 << 32;
 const TOKEN_ACCEPT: u64 = 3 << 32;
 
-/// Where connections for one shard are dropped by the shard that accepted them, and how
-/// many that shard serves.
+/// A connection on its way to the shard that is to serve it.
+struct Incoming {
+    sock: TcpStream,
+    peer: SocketAddr,
+    /// Bytes received but not yet handled (a connection moved from another shard).
+    inbuf: Vec<u8>,
+    /// When it was moved from another shard, if it was.
+    moved_at: Option<Instant>,
+}
+
+/// Where connections for one shard are dropped by the shard that accepted them (or that
+/// served them until then), how many that shard serves, and the CPU it runs on.
 pub struct Inbox {
-    tx: Sender<(TcpStream, SocketAddr)>,
+    tx: Sender<Incoming>,
     doorbell: OnceLock<Arc<Doorbell>>,
     /// Connections the shard serves or is about to (the spread's measure).
     conns: AtomicUsize,
+    /// The one CPU the shard's thread may run on; -1 when it is not pinned to one.
+    cpu: AtomicI64,
 }
 
 impl Inbox {
     /// Hand a connection to the shard; gives it back when the shard has gone away.
-    pub fn deliver(&self, sock: TcpStream, peer: SocketAddr) -> Result<(), TcpStream> {
+    fn deliver(&self, inc: Incoming) -> Result<(), Incoming> {
         self.conns.fetch_add(1, SeqCst);
-        if let Err(e) = self.tx.send((sock, peer)) {
+        if let Err(e) = self.tx.send(inc) {
             self.conns.fetch_sub(1, SeqCst);
-            return Err(e.into_inner().0);
+            return Err(e.into_inner());
         }
         self.wake();
         Ok(())
@@ -95,6 +113,11 @@ impl Inbox {
     /// Connections the shard serves.
     pub fn connections(&self) -> usize {
         self.conns.load(SeqCst)
+    }
+
+    /// The CPU the shard's thread is pinned to, if it is pinned to one.
+    pub fn cpu(&self) -> Option<i64> {
+        Some(self.cpu.load(SeqCst)).filter(|&c| c >= 0)
     }
 
     /// Wake the shard if it sleeps.
@@ -171,6 +194,16 @@ struct BatchJob {
     rows: Vec<u8>,
 }
 
+/// Where a connection is going once everything it asked for is answered.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Move {
+    /// To a thread of its own running the blocking front-end (info requests, scans of
+    /// another namespace).
+    Thread,
+    /// To another shard's loop: the one on the CPU its packets arrive on.
+    Shard(usize),
+}
+
 struct NetConn {
     sock: TcpStream,
     peer: SocketAddr,
@@ -198,8 +231,13 @@ struct NetConn {
     /// A send buffer not in use.
     spare_out: Vec<u8>,
     last_write_progress: Instant,
-    /// The next frame needs the blocking front-end: hand the connection over once idle.
-    migrate: bool,
+    /// Hand the connection over once idle: the next frame needs the blocking front-end, or
+    /// another shard is closer to the client.
+    migrate: Option<Move>,
+    /// The shard its incoming CPU pointed to at the last look, when not this one.
+    steer_seen: Option<usize>,
+    /// When it was last moved between shards.
+    moved_at: Option<Instant>,
     /// The client has shut its side down: answer what it sent, then close.
     eof: bool,
     /// Closed: shut down, waiting for its receive and send to complete before the socket
@@ -228,7 +266,7 @@ pub struct ShardNet {
     /// This shard's place in `Shared::inboxes`.
     index: usize,
     inbox: Arc<Inbox>,
-    rx_conns: Receiver<(TcpStream, SocketAddr)>,
+    rx_conns: Receiver<Incoming>,
     replies_tx: Sender<NetReply>,
     replies_rx: Receiver<NetReply>,
     doorbell: Option<Arc<Doorbell>>,
@@ -247,6 +285,11 @@ pub struct ShardNet {
     parked: Vec<u32>,
     /// Said once: this shard's ring cannot carry sockets.
     warned_no_sockets: bool,
+    /// Connection affinity: when the incoming CPUs were last looked at, where the next look
+    /// starts, and the moves decided but not yet made, per destination shard.
+    last_steer: Instant,
+    steer_next: usize,
+    moving: Vec<usize>,
 }
 
 fn shutdown(sock: &TcpStream) {
@@ -263,7 +306,8 @@ impl ShardNet {
         index: usize,
     ) -> std::io::Result<(ShardNet, Arc<Inbox>)> {
         let (tx, rx_conns) = unbounded();
-        let inbox = Arc::new(Inbox { tx, doorbell: OnceLock::new(), conns: AtomicUsize::new(0) });
+        let inbox =
+            Arc::new(Inbox { tx, doorbell: OnceLock::new(), conns: AtomicUsize::new(0), cpu: AtomicI64::new(-1) });
         let (replies_tx, replies_rx) = unbounded();
         let net = ShardNet {
             sh,
@@ -284,14 +328,20 @@ impl ShardNet {
             dirty: Vec::new(),
             parked: Vec::new(),
             warned_no_sockets: false,
+            last_steer: Instant::now(),
+            steer_next: 0,
+            moving: Vec::new(),
         };
         Ok((net, inbox))
     }
 
     /// Serve a connection here (already counted in `connections_current` and in this
     /// shard's inbox).
-    fn add_conn(&mut self, sock: TcpStream, peer: SocketAddr) {
-        let _ = sock.set_nodelay(true);
+    fn add_conn(&mut self, inc: Incoming) {
+        let Incoming { sock, peer, inbuf, moved_at } = inc;
+        if moved_at.is_none() {
+            let _ = sock.set_nodelay(true);
+        }
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -306,8 +356,8 @@ impl ShardNet {
             sock,
             peer,
             id,
-            inbuf: Vec::new(),
-            first_byte: None,
+            first_byte: (!inbuf.is_empty()).then_some(now),
+            inbuf,
             last_activity: now,
             slots: VecDeque::new(),
             base_seq: 0,
@@ -320,7 +370,9 @@ impl ShardNet {
             sending: 0,
             spare_out: Vec::new(),
             last_write_progress: now,
-            migrate: false,
+            migrate: None,
+            steer_seen: None,
+            moved_at,
             eof: false,
             closed: false,
             batch: None,
@@ -335,8 +387,13 @@ impl ShardNet {
     }
 
     fn close(&mut self, sh: &Shared, slot: u32, why: Close) {
-        let Some(c) = self.conn(slot) else { return };
+        let Some(c) = self.conns.get_mut(slot as usize).and_then(Option::as_mut).filter(|c| !c.closed) else {
+            return;
+        };
         c.closed = true;
+        if let Some(Move::Shard(j)) = c.migrate.take() {
+            self.moving[j] -= 1;
+        }
         // Ends the receive and the send at once (end of stream, broken pipe).
         shutdown(&c.sock);
         let peer = c.peer;
@@ -527,28 +584,87 @@ impl ShardNet {
             return;
         }
         NetStats::bump(&sh.stats.connections_opened);
-        // The shard with the fewest connections; this one on a tie.
-        let mut best = self.index;
-        let mut fewest = self.inbox.conns.load(SeqCst);
-        for (i, inbox) in sh.inboxes.iter().enumerate() {
-            let n = inbox.conns.load(SeqCst);
-            if n < fewest {
-                (best, fewest) = (i, n);
+        // The shard on the CPU the client's packets arrive on, unless it already has more
+        // than its share; otherwise the one with the fewest connections, this one on a tie.
+        let near = self.near_shard(sh, &sock).filter(|&j| self.has_room(sh, j, 1));
+        let best = near.unwrap_or_else(|| {
+            let mut best = self.index;
+            let mut fewest = self.inbox.conns.load(SeqCst);
+            for (i, inbox) in sh.inboxes.iter().enumerate() {
+                let n = inbox.conns.load(SeqCst);
+                if n < fewest {
+                    (best, fewest) = (i, n);
+                }
             }
-        }
-        let sock = if best == self.index {
-            sock
+            best
+        });
+        let inc = Incoming { sock, peer, inbuf: Vec::new(), moved_at: None };
+        let inc = if best == self.index {
+            inc
         } else {
-            match sh.inboxes[best].deliver(sock, peer) {
+            match sh.inboxes[best].deliver(inc) {
                 Ok(()) => return,
-                Err(sock) => {
+                Err(inc) => {
                     tracing::warn!("shard {best} is gone; serving {peer} here");
-                    sock
+                    inc
                 }
             }
         };
         self.inbox.conns.fetch_add(1, SeqCst);
-        self.add_conn(sock, peer);
+        self.add_conn(inc);
+    }
+
+    /// The shard pinned to the CPU on which the socket's packets were last received, when
+    /// that is another shard and connection affinity is on.
+    fn near_shard(&self, sh: &Shared, sock: &TcpStream) -> Option<usize> {
+        if !sh.cfg.connection_affinity || sh.inboxes.len() < 2 {
+            return None;
+        }
+        let cpu = incoming_cpu(sock)?;
+        let j = sh.inboxes.iter().position(|i| i.cpu.load(SeqCst) == cpu)?;
+        (j != self.index).then_some(j)
+    }
+
+    /// Whether shard `j` may take one more connection for affinity's sake (`uncounted`: 1
+    /// for a connection not yet counted anywhere, 0 for one moving between shards): it may
+    /// serve up to half again its even share, so that clients crowded on one CPU still
+    /// leave the other shards some connections to serve.
+    fn has_room(&self, sh: &Shared, j: usize, uncounted: usize) -> bool {
+        let total: usize = sh.inboxes.iter().map(|i| i.conns.load(SeqCst)).sum::<usize>() + uncounted;
+        let fair = total.div_ceil(sh.inboxes.len());
+        let limit = fair + fair.div_ceil(2);
+        let pending = self.moving.get(j).copied().unwrap_or(0);
+        sh.inboxes[j].conns.load(SeqCst) + pending < limit
+    }
+
+    /// Connection affinity: a connection whose client's packets keep arriving on another
+    /// shard's CPU (two looks in a row) moves there once everything it asked for is
+    /// answered, so that its receives and sends wake threads on one CPU instead of
+    /// interrupting the other. Looks at up to `STEER_BATCH` connections per call.
+    fn steer(&mut self, sh: &Shared, now: Instant) {
+        if !sh.cfg.connection_affinity || sh.inboxes.len() < 2 || now.duration_since(self.last_steer) < STEER_EVERY {
+            return;
+        }
+        self.last_steer = now;
+        self.moving.resize(sh.inboxes.len(), 0);
+        let n = self.conns.len();
+        for k in 0..STEER_BATCH.min(n) {
+            let slot = ((self.steer_next + k) % n) as u32;
+            let Some(c) = self.conns[slot as usize].as_ref().filter(|c| !c.closed) else { continue };
+            if c.migrate.is_some() || c.eof || c.moved_at.is_some_and(|t| now.duration_since(t) < STEER_SETTLE) {
+                continue;
+            }
+            let near = self.near_shard(sh, &c.sock);
+            let go = near.filter(|&j| c.steer_seen == Some(j) && self.has_room(sh, j, 0));
+            let Some(c) = self.conn(slot) else { continue };
+            c.steer_seen = near;
+            if let Some(j) = go {
+                c.migrate = Some(Move::Shard(j));
+                self.moving[j] += 1;
+                self.dirty.push(slot);
+            }
+        }
+        self.steer_next = if n == 0 { 0 } else { (self.steer_next + STEER_BATCH) % n };
     }
 
     /// Handle the complete frames at the start of a connection's buffer, up to the
@@ -560,7 +676,7 @@ impl ShardNet {
         let buf = std::mem::take(&mut c.inbuf);
         let mut pos = 0;
         let mut result = Ok(());
-        while !c.migrate && c.outstanding < max_inflight {
+        while c.migrate.is_none() && c.outstanding < max_inflight {
             let (h, total) = match next_frame(&buf[pos..], max_body) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
@@ -617,7 +733,7 @@ impl ShardNet {
                             };
                             if req.namespace != self.namespace {
                                 // Another namespace's shards: the blocking front-end scans it.
-                                c.migrate = true;
+                                c.migrate = Some(Move::Thread);
                                 break;
                             }
                             NetStats::bump(&sh.stats.scan_requests);
@@ -667,7 +783,7 @@ impl ShardNet {
                     }
                 }
                 MSG_TYPE_INFO => {
-                    c.migrate = true;
+                    c.migrate = Some(Move::Thread);
                     break;
                 }
                 MSG_TYPE_COMPRESSED => {
@@ -818,7 +934,7 @@ impl ShardNet {
         self.send(slot, ctx);
         // Requests already buffered but held back by the in-flight limit.
         let Some(c) = self.conn(slot) else { return };
-        if !c.migrate && !throttled(c, sh, ctx) && c.outstanding < sh.cfg.max_inflight && !c.inbuf.is_empty() {
+        if c.migrate.is_none() && !throttled(c, sh, ctx) && c.outstanding < sh.cfg.max_inflight && !c.inbuf.is_empty() {
             let before = c.outstanding + c.slots.len();
             if let Err(why) = self.process(sh, slot, ctx) {
                 self.close(sh, slot, why);
@@ -836,7 +952,7 @@ impl ShardNet {
         }
         let Some(c) = self.conn(slot) else { return };
         let answered = c.outstanding == 0 && c.slots.is_empty() && c.out.is_empty() && c.send.is_none();
-        if c.migrate && answered {
+        if c.migrate.is_some() && answered {
             match c.recv {
                 None => self.hand_over(sh, slot),
                 Some(id) if !c.recv_cancelled => {
@@ -864,6 +980,19 @@ impl ShardNet {
         debug_assert!(c.recv.is_none() && c.send.is_none(), "handing over a connection the ring still uses");
         self.free.push(slot);
         self.inbox.conns.fetch_sub(1, SeqCst);
+        if let Some(Move::Shard(j)) = c.migrate {
+            self.moving[j] -= 1;
+            let inc = Incoming { sock: c.sock, peer: c.peer, inbuf: c.inbuf, moved_at: Some(Instant::now()) };
+            match sh.inboxes[j].deliver(inc) {
+                Ok(()) => NetStats::bump(&sh.stats.connections_moved),
+                Err(inc) => {
+                    // That shard has stopped: keep serving the connection here.
+                    self.inbox.conns.fetch_add(1, SeqCst);
+                    self.add_conn(inc);
+                }
+            }
+            return;
+        }
         let Some(shared) = self.sh.get().cloned() else {
             // Unreachable (a connection exists only once the server does); counted out anyway.
             sh.stats.connections_current.fetch_sub(1, SeqCst);
@@ -896,7 +1025,7 @@ impl ShardNet {
             let quiet = c.outstanding == 0 && c.slots.is_empty() && c.backlog() == 0;
             let why = if c.send.is_some() && now.duration_since(c.last_write_progress) > WRITE_TIMEOUT {
                 Some(Close::WriteStalled)
-            } else if !c.migrate
+            } else if c.migrate.is_none()
                 && !c.inbuf.is_empty()
                 && c.first_byte.is_some_and(|t| now.duration_since(t) > deadline)
                 // A request that arrived in full and waits its turn is not late.
@@ -971,11 +1100,15 @@ fn throttled(c: &NetConn, sh: &Shared, ctx: &HookCtx<'_>) -> bool {
 /// shard-wide forward backlog clears at the end of a turn without any event on the
 /// connection: a connection held back for it alone is parked and looked at again.
 fn held(c: &NetConn, sh: &Shared) -> bool {
-    c.migrate || c.outstanding >= sh.cfg.max_inflight || c.backlog() > MAX_OUT_BACKLOG
+    c.migrate.is_some() || c.outstanding >= sh.cfg.max_inflight || c.backlog() > MAX_OUT_BACKLOG
 }
 
 impl ShardHook for ShardNet {
     fn start(&mut self, doorbell: Arc<Doorbell>) {
+        // Called on the shard's thread, after it is pinned (if it is).
+        if let Some(cpu) = pinned_cpu() {
+            self.inbox.cpu.store(cpu, SeqCst);
+        }
         let _ = self.inbox.doorbell.set(doorbell.clone());
         self.doorbell = Some(doorbell);
     }
@@ -997,8 +1130,8 @@ impl ShardHook for ShardNet {
             tracing::error!("shard {}: its ring cannot carry sockets; it serves no connections", ctx.shard_id());
         }
         let mut did = false;
-        while let Ok((sock, peer)) = self.rx_conns.try_recv() {
-            self.add_conn(sock, peer);
+        while let Ok(inc) = self.rx_conns.try_recv() {
+            self.add_conn(inc);
             did = true;
         }
         let mut done = std::mem::take(&mut self.done);
@@ -1011,8 +1144,8 @@ impl ShardHook for ShardNet {
                 TOKEN_SEND => self.on_send(sh, slot, d.result, d.op, ctx),
                 TOKEN_ACCEPT => {
                     self.on_accept(sh, d.result);
-                    while let Ok((sock, peer)) = self.rx_conns.try_recv() {
-                        self.add_conn(sock, peer);
+                    while let Ok(inc) = self.rx_conns.try_recv() {
+                        self.add_conn(inc);
                     }
                 }
                 other => unreachable!("unknown socket token kind {other:#x}"),
@@ -1068,8 +1201,45 @@ impl ShardHook for ShardNet {
         }
         self.arm_accept(sh, ctx);
         self.timers(sh);
+        self.steer(sh, Instant::now());
         did
     }
+}
+
+/// The one CPU the calling thread may run on, if it is pinned to one.
+fn pinned_cpu() -> Option<i64> {
+    // SAFETY: cpu_set_t is plain bytes (all zero is the empty set); sched_getaffinity
+    // writes at most the size it is given into it.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return None;
+        }
+        set
+    };
+    // SAFETY: reads bits of the set filled in above.
+    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect();
+    (cpus.len() == 1).then(|| cpus[0] as i64)
+}
+
+/// The CPU that last received packets for `sock` (SO_INCOMING_CPU): for a client on this
+/// machine the CPU its thread ran on when it sent; for a remote one the CPU that handled
+/// the network card's interrupt.
+fn incoming_cpu(sock: &TcpStream) -> Option<i64> {
+    let mut cpu: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cpu`, an int that lives across
+    // the call, on a descriptor the caller owns.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_INCOMING_CPU,
+            (&mut cpu as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && cpu >= 0).then_some(cpu as i64)
 }
 
 /// A frame holding only a LAST message with `rc` (the whole answer to a failed batch, or

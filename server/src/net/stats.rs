@@ -10,6 +10,8 @@ pub struct NetStats {
     /// Connections the shard front-end handed to a thread (for an info request, or a scan
     /// of another namespace).
     pub connections_handed_over: AtomicU64,
+    /// Connections moved to the shard on the CPU their packets arrive on.
+    pub connections_moved: AtomicU64,
     pub frames_malformed: AtomicU64,
     pub frames_too_large: AtomicU64,
     pub request_deadline_expired: AtomicU64,
@@ -33,6 +35,7 @@ impl NetStats {
             g("client_connections_opened", self.connections_opened.load(Relaxed)),
             g("client_connections_refused", self.connections_refused.load(Relaxed)),
             g("client_connections_handed_over", self.connections_handed_over.load(Relaxed)),
+            g("client_connections_moved", self.connections_moved.load(Relaxed)),
             g("proto_malformed", self.frames_malformed.load(Relaxed)),
             g("proto_too_large", self.frames_too_large.load(Relaxed)),
             g("proto_request_deadline_expired", self.request_deadline_expired.load(Relaxed)),
