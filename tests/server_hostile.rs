@@ -314,8 +314,17 @@ fn connections_follow_their_clients_cpu() {
     assert!(cpus >= 2, "this test needs 2 CPUs to put the two shards and its client on; the machine has {cpus}");
     let dir = Scratch::new("server-affinity");
     let mut srv = ServerProc::start(&dir, "");
-    let shard_cpus: Vec<usize> =
-        stat_list(srv.port, "shard_cpus").iter().map(|c| c.parse().expect("shards pinned to CPUs")).collect();
+    // Each shard says its CPU once its loop has started, which may be just after the server
+    // starts listening.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let shard_cpus: Vec<usize> = loop {
+        let cpus = stat_list(srv.port, "shard_cpus");
+        if let Ok(cpus) = cpus.iter().map(|c| c.parse()).collect::<Result<Vec<usize>, _>>() {
+            break cpus;
+        }
+        assert!(Instant::now() < deadline, "shards not pinned to CPUs: {cpus:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(shard_cpus.len(), 2, "{shard_cpus:?}");
     assert_ne!(shard_cpus[0], shard_cpus[1], "{shard_cpus:?}");
     let port = srv.port;

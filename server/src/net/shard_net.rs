@@ -82,8 +82,10 @@ const TOKEN_ACCEPT: u64 = 3 << 32;
 struct Incoming {
     sock: TcpStream,
     peer: SocketAddr,
-    /// Bytes received but not yet handled (a connection moved from another shard).
+    /// Bytes received but not yet handled (a connection moved from another shard), and
+    /// when the first of them arrived (the request deadline runs on across a move).
     inbuf: Vec<u8>,
+    first_byte: Option<Instant>,
     /// When it was moved from another shard, if it was.
     moved_at: Option<Instant>,
 }
@@ -338,7 +340,7 @@ impl ShardNet {
     /// Serve a connection here (already counted in `connections_current` and in this
     /// shard's inbox).
     fn add_conn(&mut self, inc: Incoming) {
-        let Incoming { sock, peer, inbuf, moved_at } = inc;
+        let Incoming { sock, peer, inbuf, first_byte, moved_at } = inc;
         if moved_at.is_none() {
             let _ = sock.set_nodelay(true);
         }
@@ -356,7 +358,7 @@ impl ShardNet {
             sock,
             peer,
             id,
-            first_byte: (!inbuf.is_empty()).then_some(now),
+            first_byte: first_byte.or((!inbuf.is_empty()).then_some(now)),
             inbuf,
             last_activity: now,
             slots: VecDeque::new(),
@@ -598,7 +600,7 @@ impl ShardNet {
             }
             best
         });
-        let inc = Incoming { sock, peer, inbuf: Vec::new(), moved_at: None };
+        let inc = Incoming { sock, peer, inbuf: Vec::new(), first_byte: None, moved_at: None };
         let inc = if best == self.index {
             inc
         } else {
@@ -621,6 +623,9 @@ impl ShardNet {
             return None;
         }
         let cpu = incoming_cpu(sock)?;
+        if self.inbox.cpu() == Some(cpu) {
+            return None; // already there (several shards may share a CPU)
+        }
         let j = sh.inboxes.iter().position(|i| i.cpu.load(SeqCst) == cpu)?;
         (j != self.index).then_some(j)
     }
@@ -982,7 +987,13 @@ impl ShardNet {
         self.inbox.conns.fetch_sub(1, SeqCst);
         if let Some(Move::Shard(j)) = c.migrate {
             self.moving[j] -= 1;
-            let inc = Incoming { sock: c.sock, peer: c.peer, inbuf: c.inbuf, moved_at: Some(Instant::now()) };
+            let inc = Incoming {
+                sock: c.sock,
+                peer: c.peer,
+                first_byte: c.first_byte.filter(|_| !c.inbuf.is_empty()),
+                inbuf: c.inbuf,
+                moved_at: Some(Instant::now()),
+            };
             match sh.inboxes[j].deliver(inc) {
                 Ok(()) => NetStats::bump(&sh.stats.connections_moved),
                 Err(inc) => {
@@ -1187,6 +1198,8 @@ impl ShardHook for ShardNet {
         if !self.parked.is_empty() && ctx.forward_backlog() <= MAX_FORWARD_BACKLOG {
             self.dirty.append(&mut self.parked);
         }
+        // Before the flushes, so that a move decided now starts in this turn.
+        self.steer(sh, Instant::now());
         let mut dirty = std::mem::take(&mut self.dirty);
         dirty.sort_unstable();
         dirty.dedup();
@@ -1201,7 +1214,6 @@ impl ShardHook for ShardNet {
         }
         self.arm_accept(sh, ctx);
         self.timers(sh);
-        self.steer(sh, Instant::now());
         did
     }
 }
