@@ -189,6 +189,8 @@ pub(crate) struct ShardStats {
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
     pub update_reads_skipped: AtomicU64,
+    /// Client writes held back until defrag won space back (instead of failing).
+    pub writes_held_for_space: AtomicU64,
     pub read_errors: AtomicU64,
     pub write_errors: AtomicU64,
     pub client_write_bytes: AtomicU64,
@@ -231,6 +233,7 @@ pub struct EngineStats {
     /// Updates that merged bins without reading the old record: they wrote every bin it had
     /// (see [`crate::binsets`]).
     pub update_reads_skipped: u64,
+    pub writes_held_for_space: u64,
     /// Records that failed checksum, location or digest checks when read.
     pub read_errors: u64,
     pub write_errors: u64,
@@ -291,6 +294,7 @@ impl EngineStats {
             s.cache_hits += st.cache_hits.load(Relaxed);
             s.cache_misses += st.cache_misses.load(Relaxed);
             s.update_reads_skipped += st.update_reads_skipped.load(Relaxed);
+            s.writes_held_for_space += st.writes_held_for_space.load(Relaxed);
             s.read_errors += st.read_errors.load(Relaxed);
             s.write_errors += st.write_errors.load(Relaxed);
             s.client_write_bytes += st.client_write_bytes.load(Relaxed);

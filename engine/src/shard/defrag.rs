@@ -35,6 +35,10 @@ use crate::types::ResultCode;
 
 /// Below this share of free wblocks defrag runs without pausing between wblocks.
 const URGENT_AVAIL_PCT: f64 = 20.0;
+/// Free wblocks above the defrag reserve below which client writes wait for defrag.
+const HOLD_MARGIN_WBLOCKS: usize = 4;
+/// How often a shard short of space with no defrag under way looks for candidates.
+const LOOK_EVERY: Duration = Duration::from_millis(20);
 
 /// Most wblocks taken into the queue per refill.
 const QUEUE_REFILL: usize = 64;
@@ -58,6 +62,8 @@ pub(super) struct DefragState {
     /// The buffer pieces are read into, kept between reads.
     piece: Option<AlignedBuf>,
     next_at: Option<Instant>,
+    /// When `defrag_reclaiming` last looked for candidates and found none to start.
+    last_look: Option<Instant>,
     /// The wblock being walked (read in full, state `Defrag`).
     pub(super) job: Option<DefragJob>,
 }
@@ -80,6 +86,52 @@ impl Shard {
         }
         let free: usize = self.free.iter().map(|f| f.len()).sum();
         100.0 * free as f64 / total as f64
+    }
+
+    /// Whether a client write now could leave the shard without free space: free space is
+    /// within a point of `stop-writes-avail-pct`, or a device is down to one wblock above
+    /// the reserve kept for defrag.
+    pub(super) fn space_short(&self) -> bool {
+        self.avail_pct() < self.shared.cfg.stop_writes_avail_pct as f64 + 1.0
+            || self.free.iter().any(|f| f.len() <= self.reserve_wblocks + HOLD_MARGIN_WBLOCKS)
+    }
+
+    /// Whether space is being won back: a defrag read, walk or queue under way, or device
+    /// writes in flight (whose completion releases the copies they replace). With none,
+    /// writes the open wblocks holding such copies, or else looks for defrag candidates (at
+    /// most every `LOOK_EVERY`). A client write arriving
+    /// while space is short waits for this instead of failing; it fails (stop-writes,
+    /// OUT_OF_SPACE) only when the device holds nothing to reclaim.
+    pub(super) fn defrag_reclaiming(&mut self) -> bool {
+        if self.read_only {
+            return false;
+        }
+        if self.defrag.job.is_some()
+            || !self.defrag.reads.is_empty()
+            || !self.defrag.queue.is_empty()
+            || !self.writes.is_empty()
+        {
+            return true;
+        }
+        // Copies replaced by writes still in an open wblock count as live until it is
+        // written: write them now (as `flush-max-ms` would later), so defrag sees the
+        // space they free.
+        let mut flushing = false;
+        for s in 0..self.open.len() {
+            if self.open[s].as_ref().is_some_and(|o| o.pos > o.flushed && !o.releases.is_empty()) {
+                self.flush(s, false);
+                flushing = true;
+            }
+        }
+        if flushing {
+            return true;
+        }
+        if self.defrag.last_look.is_some_and(|t| t.elapsed() < LOOK_EVERY) {
+            return false;
+        }
+        self.defrag.last_look = Some(Instant::now());
+        self.refill_defrag_queue();
+        !self.defrag.queue.is_empty()
     }
 
     /// Whether every live byte of a wblock waits only for a pending write to be released:

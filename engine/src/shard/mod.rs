@@ -105,6 +105,9 @@ const MAX_COMMITS_IN_FLIGHT: u32 = 4;
 const POOLED_READ_BYTES: usize = 64 * 1024;
 /// How often the shard looks for wblocks emptied by other shards.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Longest a client write waits for defrag to win space back before it is tried anyway
+/// (and may fail with OUT_OF_SPACE).
+const MAX_HOLD: Duration = Duration::from_millis(500);
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum WState {
@@ -203,6 +206,9 @@ pub(crate) struct Shard {
     scans: HashMap<u32, ScanJob>,
     next_scan: u32,
     busy: HashMap<Digest, VecDeque<(Command, Callback)>>,
+    /// Client writes held back, in arrival order, while free space is about to run out and
+    /// defrag is winning some back.
+    held: VecDeque<(Command, Callback, Instant)>,
     flush_waiters: Vec<(u64, Done)>,
     next_tag: u64,
     next_seq: u64,
@@ -304,6 +310,7 @@ impl Shard {
             scans: HashMap::new(),
             next_scan: 0,
             busy: HashMap::new(),
+            held: VecDeque::new(),
             flush_waiters: Vec::new(),
             next_tag: 1,
             next_seq,
@@ -401,6 +408,7 @@ impl Shard {
                 self.complete(c);
             }
             self.timers();
+            did += self.release_held();
             if let Some(mut h) = self.hook.take() {
                 did += h.turn(&mut crate::hook::HookCtx { shard: &mut self }) as usize;
                 self.hook = Some(h);
@@ -555,6 +563,34 @@ impl Shard {
     // ------------------------------------------------------------------ commands
 
     fn submit_cmd(&mut self, cmd: Command, cb: Callback) {
+        if cmd.is_write() && !cmd.delete && (!self.held.is_empty() || self.space_short()) {
+            if self.stopping.is_none() && self.defrag_reclaiming() {
+                self.shared.stats[self.id].writes_held_for_space.fetch_add(1, Relaxed);
+                self.held.push_back((cmd, cb, Instant::now()));
+                return;
+            }
+            // Nothing will free space soon: the writes held so far go first (they may fail).
+            self.release_held();
+        }
+        self.admit(cmd, cb);
+    }
+
+    /// Start the held writes, in order, while there is room or nothing will free any (or
+    /// the oldest has waited `MAX_HOLD`: a defrag that cannot finish must not hang writes).
+    pub(super) fn release_held(&mut self) -> usize {
+        let mut n = 0;
+        while let Some(&(_, _, since)) = self.held.front() {
+            if self.stopping.is_none() && since.elapsed() < MAX_HOLD && self.space_short() && self.defrag_reclaiming() {
+                break;
+            }
+            let (cmd, cb, _) = self.held.pop_front().expect("not empty");
+            self.admit(cmd, cb);
+            n += 1;
+        }
+        n
+    }
+
+    fn admit(&mut self, cmd: Command, cb: Callback) {
         if cmd.is_write() {
             if let Some(q) = self.busy.get_mut(&cmd.digest) {
                 q.push_back((cmd, cb));

@@ -113,6 +113,7 @@ impl InfoSource for Shared {
             kv("cache_read_hits", s.cache_hits.to_string()),
             kv("cache_read_misses", s.cache_misses.to_string()),
             kv("update_reads_skipped", s.update_reads_skipped.to_string()),
+            kv("writes_held_for_space", s.writes_held_for_space.to_string()),
             kv("read_errors", s.read_errors.to_string()),
             kv("write_errors", s.write_errors.to_string()),
             kv("stop_writes", (s.read_only || s.avail_pct < c.stop_writes_avail_pct as f64).to_string()),
