@@ -43,7 +43,8 @@ pub struct EngineConfig {
     pub channel_capacity: usize,
     /// Reads in flight per shard during cold start.
     pub cold_start_queue_depth: usize,
-    /// How long a shard spins on its channel before sleeping, in microseconds.
+    /// How long an idle shard keeps looking at its queues and ring before it sleeps, in
+    /// microseconds, yielding the CPU to any other runnable thread between looks.
     pub spin_us: u64,
 }
 
@@ -67,7 +68,7 @@ impl EngineConfig {
             ring_entries: 256,
             channel_capacity: 4096,
             cold_start_queue_depth: 8,
-            spin_us: 20,
+            spin_us: 200,
         }
     }
 
