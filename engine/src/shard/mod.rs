@@ -461,13 +461,15 @@ impl Shard {
                 // The hook's sockets are not visible to the channel check: go round again
                 // while it is busy.
                 idle = false;
-            } else if idle && self.stopping.is_none() {
+            } else if idle && self.stopping.is_none() && self.writes.is_empty() && self.fsyncs.is_empty() {
                 // Keep looking at the channel (and the hook's queues and the ring) for a
                 // while before paying for a sleep and a doorbell: waking a sleeping thread
                 // costs tens of microseconds on a virtual machine, whose idle CPU halts.
                 // Between looks the CPU goes to any other thread that wants it (a client on
-                // the same machine, the loop device's worker), so polling takes nothing
-                // from them.
+                // the same machine, the loop device's worker). Not while device writes are in
+                // flight: polling then delayed their completion (on a loop device, whose
+                // worker needs the CPU) until up to 32 MiB of writes were queued and client
+                // writes got DEVICE_OVERLOAD.
                 let spin_until = Instant::now() + Duration::from_micros(self.shared.cfg.spin_us);
                 while Instant::now() < spin_until {
                     if !self.rx.is_empty() || self.hook_pending() || self.io.events_waiting() {
