@@ -97,7 +97,7 @@ impl Shard {
     }
 
     /// Whether space is being won back: a defrag read, walk or queue under way, or device
-    /// writes in flight (whose completion releases the copies they replace). With none,
+    /// writes in flight whose completion releases the copies they replace. With none,
     /// writes the open wblocks holding such copies, or else looks for defrag candidates (at
     /// most every `LOOK_EVERY`). A client write arriving
     /// while space is short waits for this instead of failing; it fails (stop-writes,
@@ -109,10 +109,16 @@ impl Shard {
         if self.defrag.job.is_some()
             || !self.defrag.reads.is_empty()
             || !self.defrag.queue.is_empty()
-            || !self.writes.is_empty()
+            || self.writes.values().any(|w| !w.releases.is_empty())
         {
             return true;
         }
+        // At most every LOOK_EVERY: each flush pads a partial wblock to 4 KiB, which must not
+        // eat the space it is meant to win.
+        if self.defrag.last_look.is_some_and(|t| t.elapsed() < LOOK_EVERY) {
+            return false;
+        }
+        self.defrag.last_look = Some(Instant::now());
         // Copies replaced by writes still in an open wblock count as live until it is
         // written: write them now (as `flush-max-ms` would later), so defrag sees the
         // space they free.
@@ -126,10 +132,6 @@ impl Shard {
         if flushing {
             return true;
         }
-        if self.defrag.last_look.is_some_and(|t| t.elapsed() < LOOK_EVERY) {
-            return false;
-        }
-        self.defrag.last_look = Some(Instant::now());
         self.refill_defrag_queue();
         !self.defrag.queue.is_empty()
     }

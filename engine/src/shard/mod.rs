@@ -470,6 +470,12 @@ impl Shard {
                 // flight: polling then delayed their completion (on a loop device, whose
                 // worker needs the CPU) until up to 32 MiB of writes were queued and client
                 // writes got DEVICE_OVERLOAD.
+                // What this turn queued (a shard without a front-end hook polls right after
+                // taking requests) goes to the kernel before the poll, not after it.
+                if let Err(e) = self.io.submit_and_wait(false, None) {
+                    tracing::error!("shard {}: ring failed: {e}; latching read-only", self.id);
+                    self.latch_read_only();
+                }
                 let spin_until = Instant::now() + Duration::from_micros(self.shared.cfg.spin_us);
                 while Instant::now() < spin_until {
                     if !self.rx.is_empty() || self.hook_pending() || self.io.events_waiting() {
@@ -577,6 +583,17 @@ impl Shard {
             }
             // Nothing will free space soon: the writes held so far go first (they may fail).
             self.release_held();
+            if !self.held.is_empty() {
+                // Starting some of them set space winning in motion again: wait behind the rest.
+                self.shared.stats[self.id].writes_held_for_space.fetch_add(1, Relaxed);
+                self.held.push_back((cmd, cb, Instant::now()));
+                return;
+            }
+        }
+        if cmd.delete && !self.held.is_empty() {
+            // A delete does not wait for space, but it must not overtake a write it follows.
+            self.held.push_back((cmd, cb, Instant::now()));
+            return;
         }
         self.admit(cmd, cb);
     }
@@ -585,8 +602,10 @@ impl Shard {
     /// the oldest has waited `MAX_HOLD`: a defrag that cannot finish must not hang writes).
     pub(super) fn release_held(&mut self) -> usize {
         let mut n = 0;
-        while let Some(&(_, _, since)) = self.held.front() {
-            if self.stopping.is_none() && since.elapsed() < MAX_HOLD && self.space_short() && self.defrag_reclaiming() {
+        while let Some((cmd, _, since)) = self.held.front() {
+            // A delete at the head needs no space.
+            let wait = !cmd.delete && self.stopping.is_none() && since.elapsed() < MAX_HOLD;
+            if wait && self.space_short() && self.defrag_reclaiming() {
                 break;
             }
             let (cmd, cb, _) = self.held.pop_front().expect("not empty");

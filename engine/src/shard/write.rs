@@ -83,7 +83,9 @@ impl Shard {
         }
     }
 
-    /// Hand the unflushed tail of an open wblock to the device.
+    /// Hand the unflushed tail of an open wblock to the device. With `commit-to-device`, a
+    /// flush that carries replies waiting for durability is a durable write whatever the
+    /// caller asked (those replies are sent when it completes).
     pub(super) fn flush(&mut self, s: usize, dsync: bool) {
         let wb = self.wb() as usize;
         let Some(o) = self.open[s].as_mut() else { return };
@@ -91,6 +93,7 @@ impl Shard {
         if o.pos == o.flushed {
             return;
         }
+        let dsync = dsync || (self.shared.cfg.commit_to_device && !o.acks.is_empty());
         let end = o.pos.div_ceil(FLUSH_ALIGN).saturating_mul(FLUSH_ALIGN).min(wb);
         o.buf.zero(o.pos, end);
         o.buf.freeze_to(end);
