@@ -62,7 +62,7 @@ pub(super) struct DefragState {
     /// The buffer pieces are read into, kept between reads.
     piece: Option<AlignedBuf>,
     next_at: Option<Instant>,
-    /// When `defrag_reclaiming` last looked for candidates and found none to start.
+    /// When `defrag_reclaiming` last flushed open wblocks or looked for candidates.
     last_look: Option<Instant>,
     /// The wblock being walked (read in full, state `Defrag`).
     pub(super) job: Option<DefragJob>,
@@ -89,8 +89,8 @@ impl Shard {
     }
 
     /// Whether a client write now could leave the shard without free space: free space is
-    /// within a point of `stop-writes-avail-pct`, or a device is down to one wblock above
-    /// the reserve kept for defrag.
+    /// within a point of `stop-writes-avail-pct`, or a device is down to
+    /// `HOLD_MARGIN_WBLOCKS` above the reserve kept for defrag.
     pub(super) fn space_short(&self) -> bool {
         self.avail_pct() < self.shared.cfg.stop_writes_avail_pct as f64 + 1.0
             || self.free.iter().any(|f| f.len() <= self.reserve_wblocks + HOLD_MARGIN_WBLOCKS)
@@ -99,9 +99,9 @@ impl Shard {
     /// Whether space is being won back: a defrag read, walk or queue under way, or device
     /// writes in flight whose completion releases the copies they replace. With none,
     /// writes the open wblocks holding such copies, or else looks for defrag candidates (at
-    /// most every `LOOK_EVERY`). A client write arriving
-    /// while space is short waits for this instead of failing; it fails (stop-writes,
-    /// OUT_OF_SPACE) only when the device holds nothing to reclaim.
+    /// most every `LOOK_EVERY`). A client write arriving while space is short waits for
+    /// this instead of failing; it fails (stop-writes, OUT_OF_SPACE) only when the device
+    /// holds nothing to reclaim (or after `MAX_HOLD`).
     pub(super) fn defrag_reclaiming(&mut self) -> bool {
         if self.read_only {
             return false;
