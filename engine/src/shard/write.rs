@@ -83,9 +83,11 @@ impl Shard {
         }
     }
 
-    /// Hand the unflushed tail of an open wblock to the device. With `commit-to-device`, a
-    /// flush that carries replies waiting for durability is a durable write whatever the
-    /// caller asked (those replies are sent when it completes).
+    /// Hand the unflushed tail of an open wblock to the device. With `commit-to-device`
+    /// every flush is a durable write whatever the caller asked: one may carry replies
+    /// waiting for durability (sent when it completes), and the completion of a wblock's
+    /// first write lets go of the copies it replaces and of the previous use's floor
+    /// (`min_seq`), which only a durable write may do.
     pub(super) fn flush(&mut self, s: usize, dsync: bool) {
         let wb = self.wb() as usize;
         let Some(o) = self.open[s].as_mut() else { return };
@@ -93,7 +95,7 @@ impl Shard {
         if o.pos == o.flushed {
             return;
         }
-        let dsync = dsync || (self.shared.cfg.commit_to_device && !o.acks.is_empty());
+        let dsync = dsync || self.shared.cfg.commit_to_device;
         let end = o.pos.div_ceil(FLUSH_ALIGN).saturating_mul(FLUSH_ALIGN).min(wb);
         o.buf.zero(o.pos, end);
         o.buf.freeze_to(end);
