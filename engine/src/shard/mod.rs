@@ -630,6 +630,13 @@ impl Shard {
     }
 
     fn start_cmd(&mut self, cmd: Command, cb: Callback) {
+        if self.read_only && cmd.is_write() {
+            // A failed device write latched the shard: the index may now say less than the
+            // device holds (a delete whose tombstone never landed), so no write, not even a
+            // delete that would find nothing, is answered as if it had taken effect.
+            cb(Reply::error(ResultCode::ServerError));
+            return;
+        }
         let entry = self.index.get(&cmd.digest).filter(|e| self.visible(e));
         let Some(e) = entry else {
             self.finish(cmd, cb, None);
