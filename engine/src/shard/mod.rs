@@ -577,25 +577,25 @@ impl Shard {
     fn submit_cmd(&mut self, cmd: Command, cb: Callback) {
         if cmd.is_write() && !cmd.delete && (!self.held.is_empty() || self.space_short()) {
             if self.stopping.is_none() && self.defrag_reclaiming() {
-                self.shared.stats[self.id].writes_held_for_space.fetch_add(1, Relaxed);
-                self.held.push_back((cmd, cb, Instant::now()));
-                return;
+                return self.hold(cmd, cb);
             }
-            // Nothing will free space soon: the writes held so far go first (they may fail).
+            // Nothing will free space soon: the writes held so far go first (they may fail);
+            // if starting some set space winning in motion again, this one waits behind the rest.
             self.release_held();
-            if !self.held.is_empty() {
-                // Starting some of them set space winning in motion again: wait behind the rest.
-                self.shared.stats[self.id].writes_held_for_space.fetch_add(1, Relaxed);
-                self.held.push_back((cmd, cb, Instant::now()));
-                return;
-            }
         }
-        if cmd.delete && !self.held.is_empty() {
-            // A delete does not wait for space, but it must not overtake a write it follows.
-            self.held.push_back((cmd, cb, Instant::now()));
-            return;
+        // A delete does not wait for space, but nothing overtakes a write it follows.
+        if cmd.is_write() && !self.held.is_empty() {
+            return self.hold(cmd, cb);
         }
         self.admit(cmd, cb);
+    }
+
+    /// Queue a command behind the held writes (counted when it is a write waiting for space).
+    fn hold(&mut self, cmd: Command, cb: Callback) {
+        if !cmd.delete {
+            self.shared.stats[self.id].writes_held_for_space.fetch_add(1, Relaxed);
+        }
+        self.held.push_back((cmd, cb, Instant::now()));
     }
 
     /// Start the held writes, in order, while there is room or nothing will free any (or

@@ -589,17 +589,7 @@ impl ShardNet {
         // The shard on the CPU the client's packets arrive on, unless it already has more
         // than its share; otherwise the one with the fewest connections, this one on a tie.
         let near = self.near_shard(sh, &sock).filter(|&j| self.has_room(sh, j, 1));
-        let best = near.unwrap_or_else(|| {
-            let mut best = self.index;
-            let mut fewest = self.inbox.conns.load(SeqCst);
-            for (i, inbox) in sh.inboxes.iter().enumerate() {
-                let n = inbox.conns.load(SeqCst);
-                if n < fewest {
-                    (best, fewest) = (i, n);
-                }
-            }
-            best
-        });
+        let best = near.unwrap_or_else(|| self.fewest_shard(sh));
         let inc = Incoming { sock, peer, inbuf: Vec::new(), first_byte: None, moved_at: None };
         let inc = if best == self.index {
             inc
@@ -614,6 +604,13 @@ impl ShardNet {
         };
         self.inbox.conns.fetch_add(1, SeqCst);
         self.add_conn(inc);
+    }
+
+    /// The shard serving the fewest connections; this one on a tie.
+    fn fewest_shard(&self, sh: &Shared) -> usize {
+        let mine = (self.index, self.inbox.conns.load(SeqCst));
+        let others = sh.inboxes.iter().map(|i| i.conns.load(SeqCst)).enumerate();
+        others.fold(mine, |best, (i, n)| if n < best.1 { (i, n) } else { best }).0
     }
 
     /// The shard pinned to the CPU on which the socket's packets were last received, when
@@ -1229,9 +1226,12 @@ fn pinned_cpu() -> Option<i64> {
         }
         set
     };
-    // SAFETY: reads bits of the set filled in above.
-    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect();
-    (cpus.len() == 1).then(|| cpus[0] as i64)
+    // SAFETY: CPU_COUNT and CPU_ISSET only read the set filled in above.
+    if unsafe { libc::CPU_COUNT(&set) } != 1 {
+        return None;
+    }
+    // SAFETY: as above.
+    (0..libc::CPU_SETSIZE as usize).find(|&c| unsafe { libc::CPU_ISSET(c, &set) }).map(|c| c as i64)
 }
 
 /// The CPU that last received packets for `sock` (SO_INCOMING_CPU): for a client on this
