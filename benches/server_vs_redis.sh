@@ -6,7 +6,8 @@
 #
 # What it does, and the choices behind it:
 #
-# * Servers. It starts its own `ferrospike` (2 shards, namespace "test" on a sparse 8 GiB file
+# * Servers. It starts its own `ferrospike` (2 shards unless --shards says otherwise, namespace
+#   "test" on a sparse 8 GiB file
 #   with 1 MiB write blocks in a temporary directory, or on --device) and its own
 #   `redis-server` (appendonly yes, appendfsync everysec, no RDB snapshots) on free 127.0.0.1
 #   ports, each in the background with its PID recorded. It never touches a system Redis
@@ -68,6 +69,7 @@ benches/server_vs_redis.sh: Ferrospike next to Redis 7 over loopback (issue 3).
 USAGE:
     benches/server_vs_redis.sh [--runs N] [--seconds S] [--keys K] [--conns "16 64"]
                                [--bin-dir DIR] [--device PATH] [--client async|threads]
+                               [--shards N] [--post-write-cache SIZE]
 
 OPTIONS:
     --runs N        measured runs of every workload and connection count (default 3)
@@ -86,6 +88,15 @@ OPTIONS:
                     size needs `ferrospike --erase` first.
     --client MODE   async (default): ferrospike-bench -a, one event loop for all connections,
                     as redis-benchmark; threads: a thread per connection
+    --shards N      ferrospike's shard threads (default 2, its default on this 2-CPU machine;
+                    1 gives it one server thread, as redis-server has, and leaves the other
+                    CPU to the single-threaded load generator)
+    --post-write-cache SIZE
+                    ferrospike's post-write-cache (default: its own default, 256M). Redis
+                    holds every record in memory; "1G" lets ferrospike keep every write block
+                    it writes during the runs in memory too (200k records of 1536 bytes fill
+                    about 320 MiB of blocks, up to twice that as updates leave them sparse),
+                    so that no read goes to the device
     --help          this text
 
 Each measurement runs:
@@ -93,7 +104,7 @@ Each measurement runs:
     ferrospike-bench -a -w RU,100 -z C -t S -o B1536 -k K  (100% reads)
     redis-benchmark -t get -d 1536 -r K -c C -n <~S s> --csv                 (100% reads)
     redis-benchmark -t set ... -c C/2  &  redis-benchmark -t get ... -c C/2  (50/50)
-against a ferrospike (2 shards, 1M write blocks) and a redis-server (appendonly yes,
+against a ferrospike (--shards, default 2; 1M write blocks) and a redis-server (appendonly yes,
 appendfsync everysec, save '') that the script starts on free 127.0.0.1 ports and stops at
 the end. Both stores hold all K keys first. See the comment at the top of the script for
 how the Redis side is sized, populated and summed.
@@ -122,12 +133,14 @@ CONNS="16 64"
 BIN_DIR="$REPO/target/release"
 DEVICE=""
 CLIENT=async
+SHARDS=2
+PWC=""
 RECORD=1536
 
 while (($# > 0)); do
     case $1 in
         --help | -h) usage; exit 0 ;;
-        --runs | --seconds | --keys | --conns | --bin-dir | --device | --client)
+        --runs | --seconds | --keys | --conns | --bin-dir | --device | --client | --shards | --post-write-cache)
             (($# >= 2)) || die "$1 needs a value (see --help)"
             case $1 in
                 --runs) RUNS=$2 ;;
@@ -137,6 +150,8 @@ while (($# > 0)); do
                 --bin-dir) BIN_DIR=$2 ;;
                 --device) DEVICE=$2 ;;
                 --client) CLIENT=$2 ;;
+                --shards) SHARDS=$2 ;;
+                --post-write-cache) PWC=$2 ;;
             esac
             shift 2
             ;;
@@ -146,6 +161,8 @@ done
 
 { is_uint "$RUNS" && ((RUNS >= 1)); } || die "--runs must be a positive integer"
 { is_uint "$DURATION" && ((DURATION >= 1)); } || die "--seconds must be a positive integer"
+{ is_uint "$SHARDS" && ((SHARDS >= 1 && SHARDS <= 256)); } || die "--shards must be 1..256"
+[[ -z $PWC || $PWC =~ ^[0-9]+[KMGkmg]?$ ]] || die "--post-write-cache must be a size such as 512M or 1G"
 { is_uint "$KEYS" && ((KEYS >= 1 && KEYS <= 999999999999)); } || die "--keys must be 1..999999999999"
 read -r -a CONN_LIST <<<"$CONNS"
 ((${#CONN_LIST[@]} > 0)) || die "--conns needs at least one connection count"
@@ -293,11 +310,13 @@ else
     storage="files = [\"$WORK/ferro.dat\"]
 file-size = \"8G\""
 fi
+pwc_line=""
+[[ -z $PWC ]] || pwc_line="post-write-cache = \"$PWC\""
 cat >"$WORK/ferrospike.toml" <<EOF
 [service]
 address = "127.0.0.1"
 port = $FERRO_PORT
-shards = 2
+shards = $SHARDS
 
 [[namespaces]]
 name = "test"
@@ -305,6 +324,7 @@ name = "test"
 [namespaces.storage]
 $storage
 write-block-size = "1M"
+$pwc_line
 EOF
 
 wait_port() { # NAME PID PORT TIMEOUT_S
@@ -549,7 +569,7 @@ echo "redis GETs (warm-up included): $hits hits, $misses misses (ferrospike-benc
 # ---- summary -----------------------------------------------------------------------------
 
 echo
-echo "== summary: $RUNS run(s) of $DURATION s, $KEYS keys, $RECORD-byte values, loopback, ferrospike $git_rev, $(redis-server --version | grep -o 'v=[^ ]*')"
+echo "== summary: $RUNS run(s) of $DURATION s, $KEYS keys, $RECORD-byte values, loopback, ferrospike $git_rev ($SHARDS shard(s), post-write-cache ${PWC:-default}), $(redis-server --version | grep -o 'v=[^ ]*')"
 echo
 python3 - "$RESULTS" "${CONN_LIST[@]}" <<'EOF'
 import statistics as st, sys
