@@ -295,6 +295,52 @@ fn torn_write_during_defrag_loses_no_acknowledged_write() {
 
 /// A record damaged on the device after it was written is reported as an error by the read
 /// path (never wrong data), counted, and every other record stays readable.
+/// A client write whose device write fails latches the shard read-only. Until a restart,
+/// a read of a record that failed write carried answers SERVER_ERROR instead of what the
+/// index says (the new value, which the device may not hold, or nothing for a delete that
+/// never landed); other records are still served. The restart brings back what the
+/// device holds.
+#[test]
+fn reads_of_records_whose_write_failed_answer_server_error_until_restart() {
+    common::init_logs();
+    let put = |key: u64, v: i64| Command::put(common::digest_of(key).0, "demo", vec![Bin::new("v", Value::Int(v))]);
+    let get = |engine: &Engine, key: u64| {
+        let r = engine.execute(Command::get(common::digest_of(key).0));
+        match (r.result, r.bin("v")) {
+            (ResultCode::Ok, Some(Value::Int(v))) => Ok(Some(*v)),
+            (ResultCode::NotFound, _) => Ok(None),
+            (rc, _) => Err(rc),
+        }
+    };
+    for (seed, delete) in [(1u64, false), (2, true), (3, false), (4, true)] {
+        let disks = disks(1, 4 << 20);
+        let mut c = cfg(1);
+        c.commit_to_device = true;
+        let engine = open(&disks, c.clone());
+        for key in 0..3 {
+            assert!(engine.execute(put(key, 1)).is_ok());
+        }
+        disks[0].set_faults(SimFaults { seed, crash_after_writes: Some(0), ..Default::default() });
+        let failing = if delete { Command::delete(common::digest_of(0).0) } else { put(0, 2) };
+        let r = engine.execute(failing);
+        assert_eq!(r.result, ResultCode::ServerError, "seed {seed}: the write must fail");
+        assert_eq!(get(&engine, 0), Err(ResultCode::ServerError), "seed {seed}: key 0 after its failed write");
+        assert_eq!(get(&engine, 1), Ok(Some(1)), "seed {seed}: key 1 is untouched");
+        assert_eq!(engine.execute(put(2, 3)).result, ResultCode::ServerError, "seed {seed}: latched");
+        assert_eq!(get(&engine, 2), Ok(Some(1)), "seed {seed}: key 2's refused update changed nothing");
+        engine.crash();
+        drop(engine);
+        disks[0].clear_faults();
+        let engine = open(&disks, c);
+        // The torn write may have landed whole: then the device holds the new version.
+        let after = get(&engine, 0);
+        let landed = if delete { Ok(None) } else { Ok(Some(2)) };
+        assert!(after == Ok(Some(1)) || after == landed, "seed {seed}: key 0 after the restart: {after:?}");
+        assert_eq!(get(&engine, 1), Ok(Some(1)), "seed {seed}");
+        assert_eq!(get(&engine, 2), Ok(Some(1)), "seed {seed}");
+    }
+}
+
 #[test]
 fn read_path_detects_damage() {
     common::init_logs();

@@ -13,7 +13,7 @@
 //! written (durably, with commit-to-device), so a wblock is never freed and reused while it
 //! holds the newest durable copy of anything.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -137,6 +137,8 @@ struct OpenWb {
     first_unflushed: Option<Instant>,
     acks: Vec<(Callback, Reply)>,
     releases: Vec<Loc>,
+    /// The records client writes put here since the last flush (client stream only).
+    digests: Vec<Digest>,
     /// Group-commit writes of this wblock in flight.
     commit_inflight: u32,
 }
@@ -159,6 +161,8 @@ struct WriteInfo {
     first: bool,
     acks: Vec<(Callback, Reply)>,
     releases: Vec<Loc>,
+    /// The records of client writes this write carries.
+    digests: Vec<Digest>,
     commit: bool,
 }
 
@@ -213,6 +217,10 @@ pub(crate) struct Shard {
     next_tag: u64,
     next_seq: u64,
     read_only: bool,
+    /// Records whose client write failed on the device (the shard is then read-only): the
+    /// index may hold a version the device does not, or miss one a failed delete left, so
+    /// they answer SERVER_ERROR until a restart reads the device again.
+    lost: HashSet<Digest>,
     /// Bytes handed to the device and not yet completed.
     inflight_write_bytes: u64,
     write_cache_limit: u64,
@@ -315,6 +323,7 @@ impl Shard {
             next_tag: 1,
             next_seq,
             read_only: false,
+            lost: HashSet::new(),
             inflight_write_bytes: 0,
             write_cache_limit,
             writes_since_fsync: vec![false; n_devs],
@@ -630,10 +639,12 @@ impl Shard {
     }
 
     fn start_cmd(&mut self, cmd: Command, cb: Callback) {
-        if self.read_only && cmd.is_write() {
+        if self.read_only && (cmd.is_write() || self.lost.contains(&cmd.digest)) {
             // A failed device write latched the shard: the index may now say less than the
             // device holds (a delete whose tombstone never landed), so no write, not even a
-            // delete that would find nothing, is answered as if it had taken effect.
+            // delete that would find nothing, is answered as if it had taken effect; nor is
+            // a read of a record whose write failed, which would answer with a version the
+            // device may not hold.
             cb(Reply::error(ResultCode::ServerError));
             return;
         }
@@ -810,6 +821,7 @@ impl Shard {
             self.release_after_flush(slot(dev, CLIENT), o.loc);
         }
         let open = self.open[slot(dev, CLIENT)].as_mut().expect("append leaves an open wblock");
+        open.digests.push(meta.digest);
         if self.shared.cfg.commit_to_device {
             open.acks.push((cb, reply));
         } else {

@@ -63,6 +63,7 @@ impl Shard {
             first_unflushed: None,
             acks: Vec::new(),
             releases: Vec::new(),
+            digests: Vec::new(),
             commit_inflight: 0,
         });
         self.shared.stats[self.id].free_wblocks.fetch_sub(1, Relaxed);
@@ -77,7 +78,7 @@ impl Shard {
         let mw = self.mem.get_mut(&(dev, o.w)).expect("open wblock is in memory");
         mw.sealed = true;
         self.wstate[dev as usize][o.w as usize] = WState::Used;
-        debug_assert!(o.acks.is_empty() && o.releases.is_empty());
+        debug_assert!(o.acks.is_empty() && o.releases.is_empty() && o.digests.is_empty());
         if mw.inflight == 0 {
             self.retire(dev, o.w);
         }
@@ -110,6 +111,7 @@ impl Shard {
             bytes: end - start,
             acks: std::mem::take(&mut o.acks),
             releases: std::mem::take(&mut o.releases),
+            digests: std::mem::take(&mut o.digests),
             commit: dsync && self.shared.cfg.commit_to_device,
         };
         if info.commit {
@@ -354,6 +356,7 @@ impl Shard {
                 stats.write_errors.fetch_add(1, Relaxed);
                 tracing::error!("shard {}: write of device {} wblock {} failed: {e}", self.id, info.dev, info.w);
                 self.latch_read_only();
+                self.lost.extend(info.digests);
                 for (cb, _) in info.acks {
                     cb(Reply::error(ResultCode::ServerError));
                 }
