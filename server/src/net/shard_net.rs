@@ -653,7 +653,9 @@ impl ShardNet {
         self.moving.resize(sh.inboxes.len(), 0);
         let n = self.conns.len();
         let (mut looked, mut k) = (0, 0);
-        while looked < STEER_BATCH && k < n {
+        // Empty, closing and settling slots are passed over without a look, but at most
+        // eight times the batch of them per call.
+        while looked < STEER_BATCH && k < n.min(8 * STEER_BATCH) {
             let slot = ((self.steer_next + k) % n) as u32;
             k += 1;
             let Some(c) = self.conns[slot as usize].as_ref().filter(|c| !c.closed) else { continue };
