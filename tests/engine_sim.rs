@@ -293,8 +293,6 @@ fn torn_write_during_defrag_loses_no_acknowledged_write() {
     }
 }
 
-/// A record damaged on the device after it was written is reported as an error by the read
-/// path (never wrong data), counted, and every other record stays readable.
 /// A client write whose device write fails latches the shard read-only. Until a restart,
 /// a read of a record that failed write carried answers SERVER_ERROR instead of what the
 /// index says (the new value, which the device may not hold, or nothing for a delete that
@@ -312,7 +310,8 @@ fn reads_of_records_whose_write_failed_answer_server_error_until_restart() {
             (rc, _) => Err(rc),
         }
     };
-    for (seed, delete) in [(1u64, false), (2, true), (3, false), (4, true)] {
+    // The torn write is one 4 KiB page: it lands whole (seeds 1 and 4) or not at all (2).
+    for (seed, delete) in [(1u64, false), (2, false), (2, true), (4, true)] {
         let disks = disks(1, 4 << 20);
         let mut c = cfg(1);
         c.commit_to_device = true;
@@ -341,6 +340,49 @@ fn reads_of_records_whose_write_failed_answer_server_error_until_restart() {
     }
 }
 
+/// Without commit-to-device a write completes before it is durable; when the fsync meant
+/// to make it so fails, the shard latches read-only and reads of the records that write
+/// carried answer SERVER_ERROR until a restart, which brings back what the device holds.
+#[test]
+fn reads_of_records_whose_fsync_failed_answer_server_error_until_restart() {
+    common::init_logs();
+    let put = |key: u64, v: i64| Command::put(common::digest_of(key).0, "demo", vec![Bin::new("v", Value::Int(v))]);
+    let get = |engine: &Engine, key: u64| {
+        let r = engine.execute(Command::get(common::digest_of(key).0));
+        match (r.result, r.bin("v")) {
+            (ResultCode::Ok, Some(Value::Int(v))) => Ok(Some(*v)),
+            (ResultCode::NotFound, _) => Ok(None),
+            (rc, _) => Err(rc),
+        }
+    };
+    let disks = disks(1, 4 << 20);
+    let mut c = cfg(1);
+    c.flush_max_ms = 10;
+    let engine = open(&disks, c.clone());
+    for key in 0..3 {
+        assert!(engine.execute(put(key, 1)).is_ok());
+    }
+    engine.flush();
+    // The next write reports success without landing, and no fsync succeeds.
+    disks[0].set_faults(SimFaults { lost_writes: vec![1], fail_fsyncs: true, ..Default::default() });
+    assert!(engine.execute(put(0, 2)).is_ok(), "acknowledged before it is written");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while engine.execute(put(2, 3)).result != ResultCode::ServerError {
+        assert!(std::time::Instant::now() < deadline, "the failed fsync must latch the shard");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(get(&engine, 0), Err(ResultCode::ServerError), "key 0 after its fsync failed");
+    assert_eq!(get(&engine, 1), Ok(Some(1)), "key 1 is untouched");
+    engine.crash();
+    drop(engine);
+    disks[0].clear_faults();
+    let engine = open(&disks, c);
+    assert_eq!(get(&engine, 0), Ok(Some(1)), "the lost write is gone after the restart");
+    assert_eq!(get(&engine, 1), Ok(Some(1)));
+}
+
+/// A record damaged on the device after it was written is reported as an error by the read
+/// path (never wrong data), counted, and every other record stays readable.
 #[test]
 fn read_path_detects_damage() {
     common::init_logs();

@@ -45,6 +45,9 @@ pub struct SimFaults {
     /// `(ordinal, delta)`: that write lands at `offset + delta` instead; when that lies
     /// outside the disk, the write goes nowhere (it is lost).
     pub misdirect_writes: Vec<(u64, i64)>,
+    /// Every fsync fails with EIO (writes keep working): a device that could not make what
+    /// it acknowledged durable.
+    pub fail_fsyncs: bool,
 }
 
 /// A simulated disk. Clones are handles to the same disk.
@@ -196,8 +199,12 @@ impl SimDisk {
     }
 
     fn sim_fsync(&self) -> Result<(), SimFail> {
-        if self.state().crashed {
+        let st = self.state();
+        if st.crashed {
             return Err(SimFail::Crashed);
+        }
+        if st.faults.fail_fsyncs {
+            return Err(SimFail::Eio);
         }
         Ok(())
     }

@@ -163,6 +163,8 @@ struct WriteInfo {
     releases: Vec<Loc>,
     /// The records of client writes this write carries.
     digests: Vec<Digest>,
+    /// A DSYNC write: durable once it completes, without waiting for an fsync.
+    dsync: bool,
     commit: bool,
 }
 
@@ -206,7 +208,10 @@ pub(crate) struct Shard {
     cache_limit: usize,
     writes: HashMap<u64, WriteInfo>,
     reads: HashMap<u64, PendingRead>,
-    fsyncs: HashMap<u64, u32>,
+    /// Fsyncs in flight: the device, and the client records whose writes it makes durable.
+    fsyncs: HashMap<u64, (u32, Vec<Digest>)>,
+    /// Per device, client records written without DSYNC since the last fsync was sent.
+    unsynced: Vec<Vec<Digest>>,
     scans: HashMap<u32, ScanJob>,
     next_scan: u32,
     busy: HashMap<Digest, VecDeque<(Command, Callback)>>,
@@ -315,6 +320,7 @@ impl Shard {
             writes: HashMap::new(),
             reads: HashMap::new(),
             fsyncs: HashMap::new(),
+            unsynced: vec![Vec::new(); n_devs],
             scans: HashMap::new(),
             next_scan: 0,
             busy: HashMap::new(),

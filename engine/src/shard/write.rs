@@ -112,6 +112,7 @@ impl Shard {
             acks: std::mem::take(&mut o.acks),
             releases: std::mem::take(&mut o.releases),
             digests: std::mem::take(&mut o.digests),
+            dsync,
             commit: dsync && self.shared.cfg.commit_to_device,
         };
         if info.commit {
@@ -183,7 +184,7 @@ impl Shard {
                 self.fsync_inflight[d] = true;
                 let tag = self.tag();
                 self.io.push(IoRequest { tag, dev: d as u32, offset: 0, op: IoOp::Fsync });
-                self.fsyncs.insert(tag, d as u32);
+                self.fsyncs.insert(tag, (d as u32, std::mem::take(&mut self.unsynced[d])));
             }
         }
     }
@@ -289,6 +290,21 @@ impl Shard {
     }
 
     pub(super) fn latch_read_only(&mut self) {
+        // On a device that failed, only DSYNC writes and fsyncs still to complete can make
+        // a record durable: every other client record not yet fsynced is treated as lost
+        // (written and not fsynced, being written without DSYNC, or waiting in an open
+        // wblock for a flush that will not be DSYNC either).
+        for u in &mut self.unsynced {
+            self.lost.extend(u.drain(..));
+        }
+        for w in self.writes.values().filter(|w| !w.dsync) {
+            self.lost.extend(w.digests.iter().copied());
+        }
+        if !self.shared.cfg.commit_to_device {
+            for o in self.open.iter().flatten() {
+                self.lost.extend(o.digests.iter().copied());
+            }
+        }
         if !self.read_only {
             self.read_only = true;
             self.shared.stats[self.id].read_only.store(true, Relaxed);
@@ -309,12 +325,14 @@ impl Shard {
             self.read_done(p, c);
         } else if let Some((dev, w)) = self.defrag.reads.remove(&c.tag) {
             self.defrag_read_done(dev, w, c);
-        } else if let Some(d) = self.fsyncs.remove(&c.tag) {
+        } else if let Some((d, digests)) = self.fsyncs.remove(&c.tag) {
             self.fsync_inflight[d as usize] = false;
             if let Err(e) = c.result {
                 tracing::error!("shard {}: fsync of device {d} failed: {e}", self.id);
                 self.shared.stats[self.id].write_errors.fetch_add(1, Relaxed);
                 self.latch_read_only();
+                // Writes it was to make durable may not be: their records are as good as lost.
+                self.lost.extend(digests);
             }
         } else {
             panic!("completion for unknown tag {}", c.tag);
@@ -338,6 +356,12 @@ impl Shard {
                 stats.device_writes.fetch_add(1, Relaxed);
                 stats.device_write_bytes.fetch_add(info.bytes as u64, Relaxed);
                 self.writes_since_fsync[info.dev as usize] = true;
+                if self.read_only && !info.dsync {
+                    // Nothing not yet fsynced is trusted on a latched shard.
+                    self.lost.extend(info.digests);
+                } else if !info.dsync {
+                    self.unsynced[info.dev as usize].extend(info.digests);
+                }
                 if info.first {
                     // The previous use of this wblock is overwritten for good: only this
                     // use's data records bound the oldest data on the device now.
