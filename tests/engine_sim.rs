@@ -325,6 +325,13 @@ fn reads_of_records_whose_write_failed_answer_server_error_until_restart() {
         assert_eq!(r.result, ResultCode::ServerError, "seed {seed}: the write must fail");
         assert_eq!(get(&engine, 0), Err(ResultCode::ServerError), "seed {seed}: key 0 after its failed write");
         assert_eq!(get(&engine, 1), Ok(Some(1)), "seed {seed}: key 1 is untouched");
+        let (p0, p1) = (common::digest_of(0).0.partition(), common::digest_of(1).0.partition());
+        assert_ne!(p0, p1, "keys 0 and 1 fall in different partitions");
+        let page = engine.scan_partition(p0, None, None, 100, true);
+        assert_eq!(page.result, ResultCode::ServerError, "seed {seed}: a scan of key 0's partition");
+        let page = engine.scan_partition(p1, None, None, 100, true);
+        assert_eq!(page.result, ResultCode::Ok, "seed {seed}: a scan of key 1's partition");
+        assert_eq!(page.records.iter().map(|r| r.digest).collect::<Vec<_>>(), vec![common::digest_of(1).0]);
         assert_eq!(engine.execute(put(2, 3)).result, ResultCode::ServerError, "seed {seed}: latched");
         assert_eq!(get(&engine, 2), Ok(Some(1)), "seed {seed}: key 2's refused update changed nothing");
         engine.crash();

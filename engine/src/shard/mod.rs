@@ -226,6 +226,8 @@ pub(crate) struct Shard {
     /// index may hold a version the device does not, or miss one a failed delete left, so
     /// they answer SERVER_ERROR until a restart reads the device again.
     lost: HashSet<Digest>,
+    /// The partitions of the `lost` records (a scan of one answers SERVER_ERROR).
+    lost_partitions: HashSet<u16>,
     /// Bytes handed to the device and not yet completed.
     inflight_write_bytes: u64,
     write_cache_limit: u64,
@@ -330,6 +332,7 @@ impl Shard {
             next_seq,
             read_only: false,
             lost: HashSet::new(),
+            lost_partitions: HashSet::new(),
             inflight_write_bytes: 0,
             write_cache_limit,
             writes_since_fsync: vec![false; n_devs],

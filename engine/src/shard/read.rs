@@ -110,6 +110,12 @@ impl Shard {
 
     pub(super) fn start_scan(&mut self, req: ScanReq, cb: ScanCallback) {
         let ScanReq { pid, set, after, max, with_bins } = req;
+        if self.read_only && self.lost_partitions.contains(&pid) {
+            // A record of this partition may be listed with a version the device does not
+            // hold, or missing though the device holds it (see `Shard::lost`).
+            cb(ScanPage { result: ResultCode::ServerError, records: Vec::new(), done: true });
+            return;
+        }
         let mut entries: Vec<IndexEntry> = self
             .index
             .partition_entries(pid)

@@ -294,17 +294,12 @@ impl Shard {
         // a record durable: every other client record not yet fsynced is treated as lost
         // (written and not fsynced, being written without DSYNC, or waiting in an open
         // wblock for a flush that will not be DSYNC either).
-        for u in &mut self.unsynced {
-            self.lost.extend(u.drain(..));
-        }
-        for w in self.writes.values().filter(|w| !w.dsync) {
-            self.lost.extend(w.digests.iter().copied());
-        }
+        let mut doomed: Vec<Digest> = self.unsynced.iter_mut().flat_map(|u| u.drain(..)).collect();
+        doomed.extend(self.writes.values().filter(|w| !w.dsync).flat_map(|w| w.digests.iter().copied()));
         if !self.shared.cfg.commit_to_device {
-            for o in self.open.iter().flatten() {
-                self.lost.extend(o.digests.iter().copied());
-            }
+            doomed.extend(self.open.iter().flatten().flat_map(|o| o.digests.iter().copied()));
         }
+        self.mark_lost(doomed);
         if !self.read_only {
             self.read_only = true;
             self.shared.stats[self.id].read_only.store(true, Relaxed);
@@ -313,6 +308,15 @@ impl Shard {
                  until the device is fixed and the server restarted",
                 self.id
             );
+        }
+    }
+
+    /// Records whose latest write may not be on the device: reads of them, and scans of
+    /// their partitions, answer SERVER_ERROR until a restart.
+    fn mark_lost(&mut self, digests: impl IntoIterator<Item = Digest>) {
+        for d in digests {
+            self.lost_partitions.insert(d.partition());
+            self.lost.insert(d);
         }
     }
 
@@ -332,7 +336,7 @@ impl Shard {
                 self.shared.stats[self.id].write_errors.fetch_add(1, Relaxed);
                 self.latch_read_only();
                 // Writes it was to make durable may not be: their records are as good as lost.
-                self.lost.extend(digests);
+                self.mark_lost(digests);
             }
         } else {
             panic!("completion for unknown tag {}", c.tag);
@@ -358,7 +362,7 @@ impl Shard {
                 self.writes_since_fsync[info.dev as usize] = true;
                 if self.read_only && !info.dsync {
                     // Nothing not yet fsynced is trusted on a latched shard.
-                    self.lost.extend(info.digests);
+                    self.mark_lost(info.digests);
                 } else if !info.dsync {
                     self.unsynced[info.dev as usize].extend(info.digests);
                 }
@@ -380,7 +384,7 @@ impl Shard {
                 stats.write_errors.fetch_add(1, Relaxed);
                 tracing::error!("shard {}: write of device {} wblock {} failed: {e}", self.id, info.dev, info.w);
                 self.latch_read_only();
-                self.lost.extend(info.digests);
+                self.mark_lost(info.digests);
                 for (cb, _) in info.acks {
                     cb(Reply::error(ResultCode::ServerError));
                 }
