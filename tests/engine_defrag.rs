@@ -44,6 +44,34 @@ fn version_of(e: &Engine, key: u64) -> Option<u64> {
     }
 }
 
+/// `writes` puts, 32 in flight, each with the next version number `n`: keys 0..`keys` in
+/// order while `n` is below `keys` (the first fill), random ones after; every reply must
+/// be OK (`what` names the check). `latest` gets each key's last version.
+fn overwrite(
+    e: &Engine,
+    keys: u64,
+    writes: u64,
+    n: &mut u64,
+    rng: &mut impl Rng,
+    latest: &mut HashMap<u64, u64>,
+    what: &str,
+) {
+    let chunk: Vec<(u64, u64)> = (0..writes)
+        .map(|_| {
+            *n += 1;
+            let key = if *n <= keys { *n - 1 } else { rng.gen_range(0..keys) };
+            (key, *n)
+        })
+        .collect();
+    let batch = chunk.iter().map(|&(k, v)| Command::put(common::digest_of(k).0, "demo", value(v)));
+    common::pipeline(e, batch, 32, |i, r| {
+        assert_eq!(r.result, ResultCode::Ok, "write {i}: {what}");
+    });
+    for &(k, v) in &chunk {
+        latest.insert(k, v);
+    }
+}
+
 /// A working set filling 40% of a 64 MiB device, overwritten until 20× the device size has
 /// been written: no OUT_OF_SPACE, free space stays above stop-writes, write amplification
 /// at most 2.5 with defrag-lwm-pct 50, and after a restart every key has its latest value.
@@ -73,20 +101,7 @@ fn steady_state(name: &str, c: EngineConfig, times: u64) {
     let mut min_avail = 100.0f64;
     let mut n = 0u64;
     while e.stats().client_write_bytes < times * 64 * MIB {
-        let chunk: Vec<(u64, u64)> = (0..4096)
-            .map(|_| {
-                n += 1;
-                let key = if n <= keys { n - 1 } else { rng.gen_range(0..keys) };
-                (key, n)
-            })
-            .collect();
-        let batch = chunk.iter().map(|&(k, v)| Command::put(common::digest_of(k).0, "demo", value(v)));
-        common::pipeline(&e, batch, 32, |i, r| {
-            assert_eq!(r.result, ResultCode::Ok, "write {i}: no OUT_OF_SPACE in steady state");
-        });
-        for &(k, v) in &chunk {
-            latest.insert(k, v);
-        }
+        overwrite(&e, keys, 4096, &mut n, &mut rng, &mut latest, "no OUT_OF_SPACE in steady state");
         min_avail = min_avail.min(e.stats().avail_pct);
     }
     let st = e.stats();
@@ -266,20 +281,7 @@ fn stops_during_defrag_of_8_mib_wblocks_lose_nothing() {
             assert_eq!(version_of(&e, *k), Some(*v), "round {round}: key {k} after the restart");
         }
         let writes = if round == 0 { keys } else { keys / 2 };
-        let chunk: Vec<(u64, u64)> = (0..writes)
-            .map(|_| {
-                n += 1;
-                let key = if n <= keys { n - 1 } else { rng.gen_range(0..keys) };
-                (key, n)
-            })
-            .collect();
-        let batch = chunk.iter().map(|&(k, v)| Command::put(common::digest_of(k).0, "demo", value(v)));
-        common::pipeline(&e, batch, 32, |i, r| {
-            assert_eq!(r.result, ResultCode::Ok, "round {round}, write {i}");
-        });
-        for &(k, v) in &chunk {
-            latest.insert(k, v);
-        }
+        overwrite(&e, keys, writes, &mut n, &mut rng, &mut latest, &format!("round {round}"));
         defrag_reads += e.stats().defrag_reads;
         e.shutdown().unwrap();
     }

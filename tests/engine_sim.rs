@@ -293,6 +293,21 @@ fn torn_write_during_defrag_loses_no_acknowledged_write() {
     }
 }
 
+/// A put of bin "v" = `v` to test key `key`.
+fn put_v(key: u64, v: i64) -> Command {
+    Command::put(common::digest_of(key).0, "demo", vec![Bin::new("v", Value::Int(v))])
+}
+
+/// Bin "v" of test key `key`: the value, None when not found, or the error.
+fn get_v(engine: &Engine, key: u64) -> Result<Option<i64>, ResultCode> {
+    let r = engine.execute(Command::get(common::digest_of(key).0));
+    match (r.result, r.bin("v")) {
+        (ResultCode::Ok, Some(Value::Int(v))) => Ok(Some(*v)),
+        (ResultCode::NotFound, _) => Ok(None),
+        (rc, _) => Err(rc),
+    }
+}
+
 /// A client write whose device write fails latches the shard read-only. Until a restart,
 /// a read of a record that failed write carried answers SERVER_ERROR instead of what the
 /// index says (the new value, which the device may not hold, or nothing for a delete that
@@ -301,15 +316,6 @@ fn torn_write_during_defrag_loses_no_acknowledged_write() {
 #[test]
 fn reads_of_records_whose_write_failed_answer_server_error_until_restart() {
     common::init_logs();
-    let put = |key: u64, v: i64| Command::put(common::digest_of(key).0, "demo", vec![Bin::new("v", Value::Int(v))]);
-    let get = |engine: &Engine, key: u64| {
-        let r = engine.execute(Command::get(common::digest_of(key).0));
-        match (r.result, r.bin("v")) {
-            (ResultCode::Ok, Some(Value::Int(v))) => Ok(Some(*v)),
-            (ResultCode::NotFound, _) => Ok(None),
-            (rc, _) => Err(rc),
-        }
-    };
     // The torn write is one 4 KiB page: it lands whole (seeds 1 and 4) or not at all (2).
     for (seed, delete) in [(1u64, false), (2, false), (2, true), (4, true)] {
         let disks = disks(1, 4 << 20);
@@ -317,14 +323,14 @@ fn reads_of_records_whose_write_failed_answer_server_error_until_restart() {
         c.commit_to_device = true;
         let engine = open(&disks, c.clone());
         for key in 0..3 {
-            assert!(engine.execute(put(key, 1)).is_ok());
+            assert!(engine.execute(put_v(key, 1)).is_ok());
         }
         disks[0].set_faults(SimFaults { seed, crash_after_writes: Some(0), ..Default::default() });
-        let failing = if delete { Command::delete(common::digest_of(0).0) } else { put(0, 2) };
+        let failing = if delete { Command::delete(common::digest_of(0).0) } else { put_v(0, 2) };
         let r = engine.execute(failing);
         assert_eq!(r.result, ResultCode::ServerError, "seed {seed}: the write must fail");
-        assert_eq!(get(&engine, 0), Err(ResultCode::ServerError), "seed {seed}: key 0 after its failed write");
-        assert_eq!(get(&engine, 1), Ok(Some(1)), "seed {seed}: key 1 is untouched");
+        assert_eq!(get_v(&engine, 0), Err(ResultCode::ServerError), "seed {seed}: key 0 after its failed write");
+        assert_eq!(get_v(&engine, 1), Ok(Some(1)), "seed {seed}: key 1 is untouched");
         let (p0, p1) = (common::digest_of(0).0.partition(), common::digest_of(1).0.partition());
         assert_ne!(p0, p1, "keys 0 and 1 fall in different partitions");
         let page = engine.scan_partition(p0, None, None, 100, true);
@@ -332,18 +338,18 @@ fn reads_of_records_whose_write_failed_answer_server_error_until_restart() {
         let page = engine.scan_partition(p1, None, None, 100, true);
         assert_eq!(page.result, ResultCode::Ok, "seed {seed}: a scan of key 1's partition");
         assert_eq!(page.records.iter().map(|r| r.digest).collect::<Vec<_>>(), vec![common::digest_of(1).0]);
-        assert_eq!(engine.execute(put(2, 3)).result, ResultCode::ServerError, "seed {seed}: latched");
-        assert_eq!(get(&engine, 2), Ok(Some(1)), "seed {seed}: key 2's refused update changed nothing");
+        assert_eq!(engine.execute(put_v(2, 3)).result, ResultCode::ServerError, "seed {seed}: latched");
+        assert_eq!(get_v(&engine, 2), Ok(Some(1)), "seed {seed}: key 2's refused update changed nothing");
         engine.crash();
         drop(engine);
         disks[0].clear_faults();
         let engine = open(&disks, c);
         // The torn write may have landed whole: then the device holds the new version.
-        let after = get(&engine, 0);
+        let after = get_v(&engine, 0);
         let landed = if delete { Ok(None) } else { Ok(Some(2)) };
         assert!(after == Ok(Some(1)) || after == landed, "seed {seed}: key 0 after the restart: {after:?}");
-        assert_eq!(get(&engine, 1), Ok(Some(1)), "seed {seed}");
-        assert_eq!(get(&engine, 2), Ok(Some(1)), "seed {seed}");
+        assert_eq!(get_v(&engine, 1), Ok(Some(1)), "seed {seed}");
+        assert_eq!(get_v(&engine, 2), Ok(Some(1)), "seed {seed}");
     }
 }
 
@@ -353,39 +359,30 @@ fn reads_of_records_whose_write_failed_answer_server_error_until_restart() {
 #[test]
 fn reads_of_records_whose_fsync_failed_answer_server_error_until_restart() {
     common::init_logs();
-    let put = |key: u64, v: i64| Command::put(common::digest_of(key).0, "demo", vec![Bin::new("v", Value::Int(v))]);
-    let get = |engine: &Engine, key: u64| {
-        let r = engine.execute(Command::get(common::digest_of(key).0));
-        match (r.result, r.bin("v")) {
-            (ResultCode::Ok, Some(Value::Int(v))) => Ok(Some(*v)),
-            (ResultCode::NotFound, _) => Ok(None),
-            (rc, _) => Err(rc),
-        }
-    };
     let disks = disks(1, 4 << 20);
     let mut c = cfg(1);
     c.flush_max_ms = 10;
     let engine = open(&disks, c.clone());
     for key in 0..3 {
-        assert!(engine.execute(put(key, 1)).is_ok());
+        assert!(engine.execute(put_v(key, 1)).is_ok());
     }
     engine.flush();
     // The next write reports success without landing, and no fsync succeeds.
     disks[0].set_faults(SimFaults { lost_writes: vec![1], fail_fsyncs: true, ..Default::default() });
-    assert!(engine.execute(put(0, 2)).is_ok(), "acknowledged before it is written");
+    assert!(engine.execute(put_v(0, 2)).is_ok(), "acknowledged before it is written");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while engine.execute(put(2, 3)).result != ResultCode::ServerError {
+    while engine.execute(put_v(2, 3)).result != ResultCode::ServerError {
         assert!(std::time::Instant::now() < deadline, "the failed fsync must latch the shard");
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    assert_eq!(get(&engine, 0), Err(ResultCode::ServerError), "key 0 after its fsync failed");
-    assert_eq!(get(&engine, 1), Ok(Some(1)), "key 1 is untouched");
+    assert_eq!(get_v(&engine, 0), Err(ResultCode::ServerError), "key 0 after its fsync failed");
+    assert_eq!(get_v(&engine, 1), Ok(Some(1)), "key 1 is untouched");
     engine.crash();
     drop(engine);
     disks[0].clear_faults();
     let engine = open(&disks, c);
-    assert_eq!(get(&engine, 0), Ok(Some(1)), "the lost write is gone after the restart");
-    assert_eq!(get(&engine, 1), Ok(Some(1)));
+    assert_eq!(get_v(&engine, 0), Ok(Some(1)), "the lost write is gone after the restart");
+    assert_eq!(get_v(&engine, 1), Ok(Some(1)));
 }
 
 /// A record damaged on the device after it was written is reported as an error by the read
