@@ -367,6 +367,9 @@ fn reads_of_records_whose_fsync_failed_answer_server_error_until_restart() {
         assert!(engine.execute(put_v(key, 1)).is_ok());
     }
     engine.flush();
+    // Let the fsync due after that flush complete (it is sent within flush-max-ms), so that
+    // the first one to fail is the one meant to make key 0's update durable.
+    std::thread::sleep(std::time::Duration::from_millis(100));
     // The next write reports success without landing, and no fsync succeeds.
     disks[0].set_faults(SimFaults { lost_writes: vec![1], fail_fsyncs: true, ..Default::default() });
     assert!(engine.execute(put_v(0, 2)).is_ok(), "acknowledged before it is written");

@@ -108,6 +108,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Longest a client write waits for defrag to win space back before it is tried anyway
 /// (and may fail with OUT_OF_SPACE).
 const MAX_HOLD: Duration = Duration::from_millis(500);
+/// Client records listed per device as written and not yet fsynced, at most (20 MiB of
+/// digests); beyond it a failed fsync makes every record of the shard suspect.
+const MAX_UNSYNCED: usize = 1 << 20;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum WState {
@@ -208,8 +211,9 @@ pub(crate) struct Shard {
     cache_limit: usize,
     writes: HashMap<u64, WriteInfo>,
     reads: HashMap<u64, PendingRead>,
-    /// Fsyncs in flight: the device, and the client records whose writes it makes durable.
-    fsyncs: HashMap<u64, (u32, Vec<Digest>)>,
+    /// Fsyncs in flight: the device, the client records whose writes it makes durable, and
+    /// whether some were too many to list (`unsynced_overflow`).
+    fsyncs: HashMap<u64, (u32, Vec<Digest>, bool)>,
     /// Per device, client records written without DSYNC since the last fsync was sent.
     unsynced: Vec<Vec<Digest>>,
     scans: HashMap<u32, ScanJob>,
@@ -228,6 +232,11 @@ pub(crate) struct Shard {
     lost: HashSet<Digest>,
     /// The partitions of the `lost` records (a scan of one answers SERVER_ERROR).
     lost_partitions: HashSet<u16>,
+    /// Every record is suspect: `unsynced` overflowed before the failure.
+    lost_all: bool,
+    /// Per device: writes completed since the last fsync was sent that `unsynced` had no
+    /// room for (more than `MAX_UNSYNCED` records).
+    unsynced_overflow: Vec<bool>,
     /// Bytes handed to the device and not yet completed.
     inflight_write_bytes: u64,
     write_cache_limit: u64,
@@ -333,6 +342,8 @@ impl Shard {
             read_only: false,
             lost: HashSet::new(),
             lost_partitions: HashSet::new(),
+            lost_all: false,
+            unsynced_overflow: vec![false; n_devs],
             inflight_write_bytes: 0,
             write_cache_limit,
             writes_since_fsync: vec![false; n_devs],
@@ -648,7 +659,7 @@ impl Shard {
     }
 
     fn start_cmd(&mut self, cmd: Command, cb: Callback) {
-        if self.read_only && (cmd.is_write() || self.lost.contains(&cmd.digest)) {
+        if self.read_only && (cmd.is_write() || self.is_lost(&cmd.digest)) {
             // A failed device write latched the shard: the index may now say less than the
             // device holds (a delete whose tombstone never landed), so no write, not even a
             // delete that would find nothing, is answered as if it had taken effect; nor is
@@ -748,6 +759,11 @@ impl Shard {
             }
         }
         self.release_busy(digest);
+    }
+
+    /// Whether the record's latest write may not be on the device (see `lost`).
+    pub(super) fn is_lost(&self, d: &Digest) -> bool {
+        self.lost_all || self.lost.contains(d)
     }
 
     fn release_busy(&mut self, digest: Digest) {

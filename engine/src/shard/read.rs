@@ -58,6 +58,12 @@ impl Shard {
             self.read_pool.push(buf);
         }
         match p.for_ {
+            // The shard latched while the read was in flight, and the record is suspect.
+            ReadFor::Cmd(cmd, cb) if self.read_only && self.is_lost(&cmd.digest) => {
+                let digest = cmd.digest;
+                cb(Reply::error(ResultCode::ServerError));
+                self.release_busy(digest);
+            }
             ReadFor::Cmd(cmd, cb) => match res {
                 Ok(body) if self.index.get(&cmd.digest).map(|n| n.loc) == Some(p.entry.loc) => {
                     let cur = current_of(body);
@@ -110,7 +116,7 @@ impl Shard {
 
     pub(super) fn start_scan(&mut self, req: ScanReq, cb: ScanCallback) {
         let ScanReq { pid, set, after, max, with_bins } = req;
-        if self.read_only && self.lost_partitions.contains(&pid) {
+        if self.read_only && (self.lost_all || self.lost_partitions.contains(&pid)) {
             // A record of this partition may be listed with a version the device does not
             // hold, or missing though the device holds it (see `Shard::lost`).
             cb(ScanPage { result: ResultCode::ServerError, records: Vec::new(), done: true });

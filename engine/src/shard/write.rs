@@ -184,7 +184,9 @@ impl Shard {
                 self.fsync_inflight[d] = true;
                 let tag = self.tag();
                 self.io.push(IoRequest { tag, dev: d as u32, offset: 0, op: IoOp::Fsync });
-                self.fsyncs.insert(tag, (d as u32, std::mem::take(&mut self.unsynced[d])));
+                let listed = std::mem::take(&mut self.unsynced[d]);
+                let overflow = std::mem::take(&mut self.unsynced_overflow[d]);
+                self.fsyncs.insert(tag, (d as u32, listed, overflow));
             }
         }
     }
@@ -290,11 +292,15 @@ impl Shard {
     }
 
     pub(super) fn latch_read_only(&mut self) {
-        // On a device that failed, only DSYNC writes and fsyncs still to complete can make
-        // a record durable: every other client record not yet fsynced is treated as lost
-        // (written and not fsynced, being written without DSYNC, or waiting in an open
-        // wblock for a flush that will not be DSYNC either).
+        // On a device that failed, only DSYNC writes still to complete can make a record
+        // durable: every other client record not yet known durable is treated as lost
+        // (written and not fsynced, under an fsync still in flight, being written without
+        // DSYNC, or waiting in an open wblock for a flush that will not be DSYNC either).
+        if self.unsynced_overflow.iter().any(|&o| o) || self.fsyncs.values().any(|f| f.2) {
+            self.lost_all = true;
+        }
         let mut doomed: Vec<Digest> = self.unsynced.iter_mut().flat_map(|u| u.drain(..)).collect();
+        doomed.extend(self.fsyncs.values().flat_map(|(_, d, _)| d.iter().copied()));
         doomed.extend(self.writes.values().filter(|w| !w.dsync).flat_map(|w| w.digests.iter().copied()));
         if !self.shared.cfg.commit_to_device {
             doomed.extend(self.open.iter().flatten().flat_map(|o| o.digests.iter().copied()));
@@ -329,7 +335,7 @@ impl Shard {
             self.read_done(p, c);
         } else if let Some((dev, w)) = self.defrag.reads.remove(&c.tag) {
             self.defrag_read_done(dev, w, c);
-        } else if let Some((d, digests)) = self.fsyncs.remove(&c.tag) {
+        } else if let Some((d, digests, overflow)) = self.fsyncs.remove(&c.tag) {
             self.fsync_inflight[d as usize] = false;
             if let Err(e) = c.result {
                 tracing::error!("shard {}: fsync of device {d} failed: {e}", self.id);
@@ -337,6 +343,7 @@ impl Shard {
                 self.latch_read_only();
                 // Writes it was to make durable may not be: their records are as good as lost.
                 self.mark_lost(digests);
+                self.lost_all |= overflow;
             }
         } else {
             panic!("completion for unknown tag {}", c.tag);
@@ -364,7 +371,14 @@ impl Shard {
                     // Nothing not yet fsynced is trusted on a latched shard.
                     self.mark_lost(info.digests);
                 } else if !info.dsync {
-                    self.unsynced[info.dev as usize].extend(info.digests);
+                    let u = &mut self.unsynced[info.dev as usize];
+                    if u.len() + info.digests.len() <= MAX_UNSYNCED {
+                        u.extend(info.digests);
+                    } else {
+                        // Too many to track (fsyncs not completing): should the next one
+                        // fail, every record of the shard is suspect.
+                        self.unsynced_overflow[info.dev as usize] = true;
+                    }
                 }
                 if info.first {
                     // The previous use of this wblock is overwritten for good: only this
