@@ -388,6 +388,89 @@ fn reads_of_records_whose_fsync_failed_answer_server_error_until_restart() {
     assert_eq!(get_v(&engine, 1), Ok(Some(1)));
 }
 
+/// Device read errors in the second 128 KiB piece of every 1 MiB wblock: defrag gives up
+/// each wblock it cannot read whole, leaves it alone a while and goes on; client writes
+/// keep succeeding, and a read answers a record's latest version or SERVER_ERROR (never an
+/// older version or NOT_FOUND). Once the device reads again every record survives a
+/// restart, after which defrag reads those wblocks again.
+#[test]
+fn read_errors_between_defrag_pieces_stop_only_those_wblocks() {
+    common::init_logs();
+    let mib = 1u64 << 20;
+    let disks = disks(1, 24 * mib);
+    let mut c = cfg(1);
+    c.wblock_bytes = mib as u32;
+    c.defrag_sleep_us = 0;
+    let engine = open(&disks, c.clone());
+    let put = |engine: &Engine, key: u64, ver: u64| {
+        let bins = vec![Bin::new("v", Value::Int(ver as i64)), Bin::new("p", Value::Blob(vec![7; 1500]))];
+        engine.execute(Command::put(common::digest_of(key).0, "demo", bins))
+    };
+    let keys = 4000u64; // about 6.4 MiB of records
+    let mut latest: HashMap<u64, i64> = HashMap::new();
+    let mut ver = 0u64;
+    for key in 0..keys {
+        ver += 1;
+        assert!(put(&engine, key, ver).is_ok());
+        latest.insert(key, ver as i64);
+    }
+    engine.flush();
+    let bad: Vec<(u64, u64)> = (0..24).map(|w| (w * mib + 128 * 1024, w * mib + 256 * 1024)).collect();
+    disks[0].set_faults(SimFaults { eio_read_ranges: bad, ..Default::default() });
+    // Rewrite the first half twice: the wblocks holding it turn sparse and defrag reads them.
+    for _ in 0..2 {
+        for key in 0..keys / 2 {
+            ver += 1;
+            let r = put(&engine, key, ver);
+            // An update reads the old record only for bins it does not write; these write
+            // both, so a bad range never fails a write.
+            assert!(r.is_ok(), "key {key}: {:?}", r.result);
+            latest.insert(key, ver as i64);
+        }
+    }
+    engine.flush();
+    let mut errors = 0;
+    for (key, want) in &latest {
+        match get_v(&engine, *key) {
+            Ok(Some(v)) => assert_eq!(v, *want, "key {key}: an older version"),
+            Err(ResultCode::ServerError) => errors += 1,
+            other => panic!("key {key}: {other:?}"),
+        }
+    }
+    assert!(errors > 0 && errors < keys, "reads in the bad ranges fail, others do not ({errors} failed)");
+    // Each unreadable wblock is tried once, then left alone (not read and logged at every
+    // defrag pause).
+    let failed = engine.stats().defrag_read_errors;
+    assert!((1..=24).contains(&failed), "{failed} failed defrag reads of 24 wblocks at most");
+    disks[0].clear_faults();
+    for key in keys / 2..keys {
+        ver += 1;
+        assert!(put(&engine, key, ver).is_ok());
+        latest.insert(key, ver as i64);
+    }
+    engine.shutdown().unwrap();
+    drop(engine);
+    // After a restart (which forgets the unreadable wblocks) defrag reads them again.
+    let engine = open(&disks, c);
+    for (key, want) in &latest {
+        assert_eq!(get_v(&engine, *key), Ok(Some(*want)), "key {key} after the restart");
+    }
+    for key in 0..keys / 2 {
+        ver += 1;
+        assert!(put(&engine, key, ver).is_ok());
+        latest.insert(key, ver as i64);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while engine.stats().defrag_reads == 0 {
+        assert!(std::time::Instant::now() < deadline, "defrag must run after the restart");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(engine.stats().defrag_read_errors, 0);
+    for (key, want) in &latest {
+        assert_eq!(get_v(&engine, *key), Ok(Some(*want)), "key {key} after defrag");
+    }
+}
+
 /// A record damaged on the device after it was written is reported as an error by the read
 /// path (never wrong data), counted, and every other record stays readable.
 #[test]

@@ -201,6 +201,7 @@ pub(crate) struct ShardStats {
     pub cold_stale: AtomicU64,
     pub cold_bytes: AtomicU64,
     pub defrag_reads: AtomicU64,
+    pub defrag_read_errors: AtomicU64,
     pub defrag_read_bytes: AtomicU64,
     pub defrag_write_bytes: AtomicU64,
     pub defrag_queue: AtomicU64,
@@ -251,6 +252,8 @@ pub struct EngineStats {
     pub avail_pct: f64,
     pub defrag_queue: u64,
     pub defrag_reads: u64,
+    /// Wblock reads by defrag that failed (each wblock is then left alone a while).
+    pub defrag_read_errors: u64,
     pub defrag_read_bytes: u64,
     pub defrag_write_bytes: u64,
     /// Device bytes written per client byte written.
@@ -305,6 +308,7 @@ impl EngineStats {
             s.cold_start_bytes += st.cold_bytes.load(Relaxed);
             s.defrag_queue += st.defrag_queue.load(Relaxed);
             s.defrag_reads += st.defrag_reads.load(Relaxed);
+            s.defrag_read_errors += st.defrag_read_errors.load(Relaxed);
             s.defrag_read_bytes += st.defrag_read_bytes.load(Relaxed);
             s.defrag_write_bytes += st.defrag_write_bytes.load(Relaxed);
             s.expired += st.expired.load(Relaxed);

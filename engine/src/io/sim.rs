@@ -40,6 +40,9 @@ pub struct SimFaults {
     pub crash_after_writes: Option<u64>,
     /// `[start, end)` byte ranges: any read or write touching one fails with EIO.
     pub eio_ranges: Vec<(u64, u64)>,
+    /// `[start, end)` byte ranges: any read touching one fails with EIO; writes land (a
+    /// medium whose old sectors went bad).
+    pub eio_read_ranges: Vec<(u64, u64)>,
     /// Writes (by ordinal) that report success but are not applied.
     pub lost_writes: Vec<u64>,
     /// `(ordinal, delta)`: that write lands at `offset + delta` instead; when that lies
@@ -154,7 +157,8 @@ impl SimDisk {
     fn sim_read(&self, offset: u64, out: &mut [u8]) -> Result<(), SimFail> {
         let st = self.state();
         st.check_range(offset, out.len());
-        if st.touches_eio(offset, out.len()) {
+        let bad_read = st.faults.eio_read_ranges.iter().any(|&(s, e)| offset < e && s < offset + out.len() as u64);
+        if st.touches_eio(offset, out.len()) || bad_read {
             return Err(SimFail::Eio);
         }
         st.read_into(offset, out);

@@ -46,6 +46,10 @@ const QUEUE_REFILL: usize = 64;
 /// Bytes of a wblock image walked per loop turn (a sixteenth of a 1 MiB wblock).
 const SLICE_BYTES: usize = 64 * 1024;
 
+/// A wblock whose defrag read failed is not tried again for this long (a bad sector would
+/// otherwise be read, and logged, at every defrag pause).
+const RETRY_UNREADABLE: Duration = Duration::from_secs(30);
+
 /// A wblock is read for defrag in pieces of at most this size, each issued when the one
 /// before has completed, so a client read queued on the device waits behind a piece rather
 /// than behind the whole wblock.
@@ -66,6 +70,9 @@ pub(super) struct DefragState {
     last_look: Option<Instant>,
     /// The wblock being walked (read in full, state `Defrag`).
     pub(super) job: Option<DefragJob>,
+    /// Wblocks whose defrag read failed, and when: left alone for `RETRY_UNREADABLE`, or
+    /// until they are freed.
+    pub(super) unreadable: HashMap<(u32, u32), Instant>,
 }
 
 pub(super) struct DefragJob {
@@ -156,7 +163,7 @@ impl Shard {
         let mut found: Vec<(u32, u32, u32)> = Vec::new();
         for d in 0..self.wstate.len() {
             for w in 1..self.wstate[d].len() {
-                if self.defrag_eligible(d as u32, w as u32) {
+                if self.defrag_eligible(d as u32, w as u32) && !self.unreadable_lately(d as u32, w as u32) {
                     found.push((self.shared.live(d as u32, w as u32), d as u32, w as u32));
                 }
             }
@@ -193,7 +200,7 @@ impl Shard {
             }
         }
         while let Some((dev, w)) = self.defrag.queue.pop_front() {
-            if !self.defrag_eligible(dev, w) {
+            if !self.defrag_eligible(dev, w) || self.unreadable_lately(dev, w) {
                 continue;
             }
             self.wstate[dev as usize][w as usize] = WState::Defrag;
@@ -204,6 +211,11 @@ impl Shard {
             break;
         }
         self.shared.stats[self.id].defrag_queue.store(self.defrag.queue.len() as u64, Relaxed);
+    }
+
+    /// Whether defrag failed to read the wblock less than `RETRY_UNREADABLE` ago.
+    fn unreadable_lately(&self, dev: u32, w: u32) -> bool {
+        self.defrag.unreadable.get(&(dev, w)).is_some_and(|t| t.elapsed() < RETRY_UNREADABLE)
     }
 
     /// Read the next piece of the wblock being read for defrag.
@@ -225,7 +237,13 @@ impl Shard {
         let Some(mut image) = self.defrag.image.take() else { unreachable!("a piece read has its image") };
         let give_up = match &c.result {
             Err(e) => {
-                tracing::error!("shard {}: defrag read of device {dev} wblock {w} failed: {e}", self.id);
+                tracing::error!(
+                    "shard {}: defrag read of device {dev} wblock {w} failed: {e}; trying it again in {} s",
+                    self.id,
+                    RETRY_UNREADABLE.as_secs()
+                );
+                self.shared.stats[self.id].defrag_read_errors.fetch_add(1, Relaxed);
+                self.defrag.unreadable.insert((dev, w), Instant::now());
                 true
             }
             // Stopping, or latched read-only: the rest of the wblock is not worth reading.

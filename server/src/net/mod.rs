@@ -120,6 +120,7 @@ impl InfoSource for Shared {
             kv("read_only", s.read_only.to_string()),
             kv("defrag_q", s.defrag_queue.to_string()),
             kv("defrag_reads", s.defrag_reads.to_string()),
+            kv("defrag_read_errors", s.defrag_read_errors.to_string()),
             kv("defrag_read_bytes", s.defrag_read_bytes.to_string()),
             kv("defrag_write_bytes", s.defrag_write_bytes.to_string()),
             kv("client_write_bytes", s.client_write_bytes.to_string()),
