@@ -392,7 +392,7 @@ fn reads_of_records_whose_fsync_failed_answer_server_error_until_restart() {
 /// each wblock it cannot read whole, leaves it alone a while and goes on; client writes
 /// keep succeeding, and a read answers a record's latest version or SERVER_ERROR (never an
 /// older version or NOT_FOUND). Once the device reads again every record survives a
-/// restart, after which defrag reads those wblocks again.
+/// restart, and defrag goes on after it.
 #[test]
 fn read_errors_between_defrag_pieces_stop_only_those_wblocks() {
     common::init_logs();
@@ -450,7 +450,7 @@ fn read_errors_between_defrag_pieces_stop_only_those_wblocks() {
     }
     engine.shutdown().unwrap();
     drop(engine);
-    // After a restart (which forgets the unreadable wblocks) defrag reads them again.
+    // Every record survives the restart, and defrag works as before on the churn after it.
     let engine = open(&disks, c);
     for (key, want) in &latest {
         assert_eq!(get_v(&engine, *key), Ok(Some(*want)), "key {key} after the restart");

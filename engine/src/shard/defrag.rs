@@ -252,6 +252,8 @@ impl Shard {
         if give_up {
             self.io.free(image);
             self.wstate[dev as usize][w as usize] = WState::Used;
+            // Its last live bytes may have been released while it was being read.
+            self.maybe_free(dev, w);
             self.defrag_pause();
             return;
         }
