@@ -659,7 +659,7 @@ impl Shard {
     }
 
     fn start_cmd(&mut self, cmd: Command, cb: Callback) {
-        if self.read_only && (cmd.is_write() || self.is_lost(&cmd.digest)) {
+        if (self.read_only && cmd.is_write()) || self.is_lost(&cmd.digest) {
             // A failed device write latched the shard: the index may now say less than the
             // device holds (a delete whose tombstone never landed), so no write, not even a
             // delete that would find nothing, is answered as if it had taken effect; nor is
@@ -761,9 +761,10 @@ impl Shard {
         self.release_busy(digest);
     }
 
-    /// Whether the record's latest write may not be on the device (see `lost`).
+    /// Whether the shard is latched and the record's latest write may not be on the device
+    /// (see `lost`; the set is looked at only once the shard is latched).
     pub(super) fn is_lost(&self, d: &Digest) -> bool {
-        self.lost_all || self.lost.contains(d)
+        self.read_only && (self.lost_all || self.lost.contains(d))
     }
 
     fn release_busy(&mut self, digest: Digest) {

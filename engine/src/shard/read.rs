@@ -59,7 +59,7 @@ impl Shard {
         }
         match p.for_ {
             // The shard latched while the read was in flight, and the record is suspect.
-            ReadFor::Cmd(cmd, cb) if self.read_only && self.is_lost(&cmd.digest) => {
+            ReadFor::Cmd(cmd, cb) if self.is_lost(&cmd.digest) => {
                 let digest = cmd.digest;
                 cb(Reply::error(ResultCode::ServerError));
                 self.release_busy(digest);

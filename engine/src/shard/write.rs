@@ -368,12 +368,12 @@ impl Shard {
                 stats.device_writes.fetch_add(1, Relaxed);
                 stats.device_write_bytes.fetch_add(info.bytes as u64, Relaxed);
                 self.writes_since_fsync[info.dev as usize] = true;
-                if self.read_only && !info.dsync {
-                    // Nothing not yet fsynced is trusted on a latched shard.
-                    self.mark_lost(info.digests);
-                } else if !info.dsync {
+                if !info.dsync {
                     let u = &mut self.unsynced[info.dev as usize];
-                    if u.len() + info.digests.len() <= MAX_UNSYNCED {
+                    if self.read_only {
+                        // Nothing not yet fsynced is trusted on a latched shard.
+                        self.mark_lost(info.digests);
+                    } else if u.len() + info.digests.len() <= MAX_UNSYNCED {
                         u.extend(info.digests);
                     } else {
                         // Too many to track (fsyncs not completing): should the next one

@@ -625,7 +625,7 @@ impl ShardNet {
         if self.inbox.cpu() == Some(cpu) {
             return None; // already there (several shards may share a CPU)
         }
-        let j = sh.inboxes.iter().position(|i| i.cpu.load(SeqCst) == cpu)?;
+        let j = sh.inboxes.iter().position(|i| i.cpu() == Some(cpu))?;
         (j != self.index).then_some(j)
     }
 
