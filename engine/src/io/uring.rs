@@ -186,6 +186,11 @@ impl Arena {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
+        // Ask for transparent huge pages (THP "madvise" mode): the post-write cache's reads
+        // land anywhere in the arena, and with 4 KiB pages nearly each one misses the TLB.
+        // Advice only; a kernel without THP says EINVAL and the arena works as before.
+        // SAFETY: the range is exactly the mapping just created.
+        unsafe { libc::madvise(p, total, libc::MADV_HUGEPAGE) };
         let base = NonNull::new(p.cast::<u8>()).expect("mmap returned null");
         // Hand out low slots first.
         let free = (0..slots as u16).rev().collect();
@@ -386,6 +391,9 @@ pub(super) struct UringBackend {
     socks_in_kernel: usize,
     sock_serial: u64,
     setup_flags: &'static str,
+    /// Receives skip their first attempt ([`RECV_POLL_FIRST`]); only on rings with a
+    /// task-run flag, whose kernels (5.19+) know the bit.
+    recv_poll_first: bool,
     buffers_note: String,
     stats: Stats,
 }
@@ -425,6 +433,7 @@ impl UringBackend {
             doorbell,
             doorbell_armed: false,
             rung: false,
+            recv_poll_first: setup_flags != "plain",
             setup_flags,
             buffers_note,
             stats: Stats::default(),
@@ -473,7 +482,7 @@ impl UringBackend {
         while !sq.is_full() {
             let Some(idx) = self.socks_pending.pop_front() else { break };
             let slot = self.socks[idx].as_mut().expect("pending index names a live socket op");
-            let entry = build_sock_sqe(&mut slot.req).user_data(slot.id);
+            let entry = build_sock_sqe(&mut slot.req, self.recv_poll_first).user_data(slot.id);
             // SAFETY: the SQE points into the Vec owned by `slot.req` (its heap memory does
             // not move while the Vec is neither resized nor dropped), or at no memory at all
             // (accept). The slot stays in the slab, untouched, until this SQE's CQE is reaped,
@@ -667,15 +676,20 @@ fn build_sqe(op: &mut Op, idx: usize, arena: Option<&Arena>, stats: &mut Stats) 
     entry.user_data(idx as u64)
 }
 
-/// Set up the ring with the best flags the kernel accepts.
+/// `IORING_RECVSEND_POLL_FIRST` from the kernel's io_uring.h (kernel 5.19+).
+const RECV_POLL_FIRST: u16 = 1;
+
 /// The SQE for what is left of a socket operation (no `user_data` yet).
-fn build_sock_sqe(req: &mut SockRequest) -> squeue::Entry {
+fn build_sock_sqe(req: &mut SockRequest, poll_first: bool) -> squeue::Entry {
     let fd = Fd(req.fd);
     match &mut req.op {
         SockOp::Recv { buf, at } => {
             let rest = &mut buf[*at..];
             let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
-            opcode::Recv::new(fd, rest.as_mut_ptr(), len).build()
+            // Poll first: a receive is armed when the connection's client is waiting for an
+            // answer, so the socket is almost always empty and the attempt io_uring would
+            // otherwise make before arming its poll only fails.
+            opcode::Recv::new(fd, rest.as_mut_ptr(), len).ioprio(if poll_first { RECV_POLL_FIRST } else { 0 }).build()
         }
         SockOp::Send { buf, at } => {
             let rest = &buf[*at..];
