@@ -162,13 +162,15 @@ impl WBuf {
     /// Copy `[off, off+len)` out of the buffer.
     pub fn read_at(&self, off: usize, len: usize) -> Vec<u8> {
         assert!(off + len <= self.len());
-        let mut out = vec![0u8; len];
+        let mut out = Vec::with_capacity(len);
         // SAFETY: the range is inside the allocation; concurrent device reads of the frozen
         // prefix do not conflict with our read, and nothing writes the buffer meanwhile
-        // (single-threaded, and writes only happen through write_at/zero).
+        // (single-threaded, and writes only happen through write_at/zero). `out` has room
+        // for `len` bytes, and all `len` are initialised by the copy before `set_len`.
         unsafe {
             let base = (*self.buf.get()).as_ptr();
             std::ptr::copy_nonoverlapping(base.add(off), out.as_mut_ptr(), len);
+            out.set_len(len);
         }
         out
     }
