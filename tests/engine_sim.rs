@@ -471,6 +471,235 @@ fn read_errors_between_defrag_pieces_stop_only_those_wblocks() {
     }
 }
 
+/// Records of about 1.5 KiB: some 80 fill a 128 KiB wblock.
+const FILL_BYTES: usize = 1500;
+
+/// A put of bin "v" = `ver` and a `FILL_BYTES` bin "p" to test key `key`. It writes every
+/// bin of the record, so it never reads the old version (a bad read range never fails it).
+fn put_vp(engine: &Engine, key: u64, ver: i64) {
+    let bins = vec![Bin::new("v", Value::Int(ver)), Bin::new("p", Value::Blob(vec![7; FILL_BYTES]))];
+    let r = engine.execute(Command::put(common::digest_of(key).0, "demo", bins));
+    assert!(r.is_ok(), "put of key {key}: {:?}", r.result);
+}
+
+/// Wblock `w` of `disk` as a cold start sees it, read directly (past any fault).
+fn scan_wblock(disk: &SimDisk, w: u32, wb: u64) -> ferrospike_engine::coldstart::WblockScan {
+    let image = disk.read_raw(w as u64 * wb, wb as usize);
+    ferrospike_engine::coldstart::scan_wblock(&image, device_id(&disk.read_raw(0, 8192)), 0, w)
+}
+
+/// The test keys among `keys` with a record in the current use of wblock `w` of `disk`.
+fn keys_in_wblock(disk: &SimDisk, w: u32, wb: u64, keys: impl Iterator<Item = u64>) -> Vec<u64> {
+    let names: HashMap<Digest, u64> = keys.map(|k| (common::digest_of(k).0, k)).collect();
+    let mut found: Vec<u64> =
+        scan_wblock(disk, w, wb).records.iter().filter_map(|r| names.get(&r.0.digest)).copied().collect();
+    found.sort_unstable();
+    found.dedup();
+    found
+}
+
+/// The wblock of `disk` holding test key `key` (written once).
+fn wblock_of(disk: &SimDisk, wb: u64, key: u64) -> u32 {
+    (1..(disk.size() / wb) as u32)
+        .find(|&w| !keys_in_wblock(disk, w, wb, std::iter::once(key)).is_empty())
+        .unwrap_or_else(|| panic!("key {key} is on no wblock"))
+}
+
+/// Test keys with their latest version (`None`: deleted).
+type Latest = HashMap<u64, Option<i64>>;
+
+/// Overwrite the filler keys `fillers` in turn, with a flush after each pass, until
+/// wblock `w` holds a new write (it was freed, then taken from the free list, which is
+/// first in first out). Panics when that has not happened after eight times the device's
+/// worth of writes: `w` was never freed.
+#[track_caller]
+fn churn_until_reused(
+    engine: &Engine,
+    disk: &SimDisk,
+    w: u32,
+    fillers: std::ops::Range<u64>,
+    ver: &mut i64,
+    latest: &mut Latest,
+) {
+    let wb = engine.config().wblock_bytes as u64;
+    let before = scan_wblock(disk, w, wb).seq;
+    let passes = 8 * disk.size() / ((fillers.end - fillers.start) * FILL_BYTES as u64);
+    for _ in 0..passes {
+        for key in fillers.clone() {
+            *ver += 1;
+            put_vp(engine, key, *ver);
+            latest.insert(key, Some(*ver));
+        }
+        engine.flush();
+        if scan_wblock(disk, w, wb).seq != before {
+            return;
+        }
+    }
+    panic!("wblock {w} was never reused: it was not freed");
+}
+
+/// Every key reads back its latest version.
+fn check_latest(engine: &Engine, latest: &Latest, when: &str) {
+    for (&key, &want) in latest {
+        assert_eq!(get_v(engine, key), Ok(want), "key {key} {when}");
+    }
+}
+
+/// Wait for `cond`, for 10 seconds at most.
+#[track_caller]
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// A wblock whose defrag read failed is read again once `defrag_retry_unreadable_ms` has
+/// passed; the device reading again by then, it is defragmented like any other (its live
+/// records move out and it is freed, then reused), and every record reads back its latest
+/// version, also after a restart.
+#[test]
+fn unreadable_wblock_is_defragmented_when_tried_again() {
+    common::init_logs();
+    let disks = disks(1, 4 << 20); // 31 data wblocks of 128 KiB
+    let mut c = cfg(1);
+    c.defrag_sleep_us = 0;
+    c.defrag_retry_unreadable_ms = 200;
+    let wb = c.wblock_bytes as u64;
+    let engine = open(&disks, c.clone());
+    let mut latest = Latest::new();
+    let mut ver = 0i64;
+    for key in 0..200 {
+        ver += 1;
+        put_vp(&engine, key, ver);
+        latest.insert(key, Some(ver));
+    }
+    engine.flush();
+    // The wblock holding key 0 turns sparse, and its reads fail when defrag reads it.
+    let target = wblock_of(&disks[0], wb, 0);
+    let keys = keys_in_wblock(&disks[0], target, wb, 0..200);
+    assert!(keys.len() > 60, "the wblock is full: {keys:?}");
+    let (kept, gone) = keys.split_at(keys.len() / 4);
+    let bad = vec![(target as u64 * wb, (target as u64 + 1) * wb)];
+    disks[0].set_faults(SimFaults { eio_read_ranges: bad, ..Default::default() });
+    for &key in gone {
+        ver += 1;
+        put_vp(&engine, key, ver);
+        latest.insert(key, Some(ver));
+    }
+    engine.flush();
+    wait_for("defrag tries the sparse wblock", || engine.stats().defrag_read_errors > 0);
+    assert_eq!(engine.stats().defrag_reads, 0, "no other wblock is sparse");
+    for &key in kept {
+        assert_eq!(get_v(&engine, key), Err(ResultCode::ServerError), "key {key} is on the bad wblock");
+    }
+    // The device reads again (on a slow run defrag may have failed once more before). The
+    // filler keys never touch the kept ones, so the wblock is freed, and so reused, only
+    // if defrag reads it again and moves them out.
+    disks[0].clear_faults();
+    churn_until_reused(&engine, &disks[0], target, 1000..1040, &mut ver, &mut latest);
+    assert!(engine.stats().defrag_reads > 0);
+    check_latest(&engine, &latest, "after defrag");
+    engine.shutdown().unwrap();
+    drop(engine);
+    let engine = open(&disks, c);
+    check_latest(&engine, &latest, "after the restart");
+}
+
+/// A wblock left alone after a failed defrag read loses that mark when it is freed (every
+/// record on it overwritten or deleted): reused for new writes and turned sparse again, it
+/// is defragmented at once, not skipped until the retry delay (far longer than the test)
+/// has passed.
+#[test]
+fn freed_unreadable_wblock_is_defragmented_after_reuse() {
+    common::init_logs();
+    let disks = disks(1, 4 << 20); // 31 data wblocks of 128 KiB
+    let mut c = cfg(1);
+    c.defrag_sleep_us = 0;
+    // Only a wblock down to a record or two of under 1.3 KiB qualifies: the filler churn,
+    // whose records are larger, never gives defrag work, so the client stream alone takes
+    // wblocks from the free list, and a small record leaves its wblock only through defrag.
+    c.defrag_lwm_pct = 1;
+    c.defrag_retry_unreadable_ms = 600_000;
+    let wb = c.wblock_bytes as u64;
+    let engine = open(&disks, c.clone());
+    let mut latest = Latest::new();
+    let mut ver = 0i64;
+    for key in 0..200 {
+        ver += 1;
+        if key < 2 {
+            assert!(engine.execute(put_v(key, ver)).is_ok());
+        } else {
+            put_vp(&engine, key, ver);
+        }
+        latest.insert(key, Some(ver));
+    }
+    engine.flush();
+    // The wblock holding small keys 0 and 1 turns sparse, and its reads fail when defrag
+    // reads it: it is marked unreadable.
+    let target = wblock_of(&disks[0], wb, 0);
+    assert_eq!(wblock_of(&disks[0], wb, 1), target);
+    let keys = keys_in_wblock(&disks[0], target, wb, 0..200);
+    assert!(keys.len() > 60, "the wblock is full: {keys:?}");
+    let bad = vec![(target as u64 * wb, (target as u64 + 1) * wb)];
+    disks[0].set_faults(SimFaults { eio_read_ranges: bad, ..Default::default() });
+    // Some of the large records are deleted, the rest overwritten. Each tombstone lands
+    // next to a later large record (the last operation is a put), so no wblock is ever
+    // down to tombstones alone.
+    let large: Vec<u64> = keys.iter().copied().filter(|&k| k >= 2).collect();
+    for (i, &key) in large.iter().enumerate() {
+        if i % 4 == 1 && i + 1 < large.len() {
+            assert!(engine.execute(Command::delete(common::digest_of(key).0)).is_ok());
+            latest.insert(key, None);
+        } else {
+            ver += 1;
+            put_vp(&engine, key, ver);
+            latest.insert(key, Some(ver));
+        }
+    }
+    engine.flush();
+    wait_for("defrag tries the sparse wblock", || engine.stats().defrag_read_errors == 1);
+    assert_eq!(get_v(&engine, 0), Err(ResultCode::ServerError), "key 0 is on the bad wblock");
+    // The device reads again, but the mark keeps defrag away: a few looks later (one per
+    // 20 ms) nothing has been read. Keys 0 and 1 overwritten (by large records, which never
+    // qualify), the wblock has no live record left and is freed.
+    disks[0].clear_faults();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(engine.stats().defrag_reads, 0, "the marked wblock is left alone");
+    for key in 0..2 {
+        ver += 1;
+        put_vp(&engine, key, ver);
+        latest.insert(key, Some(ver));
+    }
+    engine.flush();
+    // Reused by the churn, it gets small key 2000 and then filler records until it is full.
+    let fillers = 1000..1040;
+    churn_until_reused(&engine, &disks[0], target, fillers.clone(), &mut ver, &mut latest);
+    let small = 2000;
+    ver += 1;
+    assert!(engine.execute(put_v(small, ver)).is_ok());
+    latest.insert(small, Some(ver));
+    for _ in 0..4 {
+        for key in fillers.clone() {
+            ver += 1;
+            put_vp(&engine, key, ver);
+            latest.insert(key, Some(ver));
+        }
+    }
+    engine.flush();
+    assert_eq!(keys_in_wblock(&disks[0], target, wb, std::iter::once(small)), vec![small]);
+    // The churn overwrites its filler records: down to the small record, it qualifies, and
+    // defrag takes it at once (moves the record out, frees it and it is reused once more).
+    churn_until_reused(&engine, &disks[0], target, fillers, &mut ver, &mut latest);
+    assert_eq!(engine.stats().defrag_read_errors, 1, "defrag read it without error");
+    check_latest(&engine, &latest, "after defrag");
+    engine.shutdown().unwrap();
+    drop(engine);
+    let engine = open(&disks, c);
+    check_latest(&engine, &latest, "after the restart");
+}
+
 /// A record damaged on the device after it was written is reported as an error by the read
 /// path (never wrong data), counted, and every other record stays readable.
 #[test]

@@ -32,6 +32,10 @@ pub struct EngineConfig {
     pub defrag_sleep_us: u64,
     /// Free wblocks per device and shard that only defrag may use.
     pub defrag_reserve_wblocks: usize,
+    /// How long defrag leaves a wblock whose read failed before reading it again, in
+    /// milliseconds (a bad sector would otherwise be read, and logged, at every defrag
+    /// pause); freeing the wblock ends the wait too. Not a server option: tests shorten it.
+    pub defrag_retry_unreadable_ms: u64,
     /// `stop-writes-avail-pct`: below this share of free wblocks client writes get
     /// OUT_OF_SPACE (8); reads and deletes go on.
     pub stop_writes_avail_pct: u32,
@@ -63,6 +67,7 @@ impl EngineConfig {
             defrag_lwm_pct: 50,
             defrag_sleep_us: 1000,
             defrag_reserve_wblocks: 2,
+            defrag_retry_unreadable_ms: 30_000,
             stop_writes_avail_pct: 5,
             nsup_period_secs: 120,
             ring_entries: 256,

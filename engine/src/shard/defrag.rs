@@ -46,10 +46,6 @@ const QUEUE_REFILL: usize = 64;
 /// Bytes of a wblock image walked per loop turn (a sixteenth of a 1 MiB wblock).
 const SLICE_BYTES: usize = 64 * 1024;
 
-/// A wblock whose defrag read failed is not tried again for this long (a bad sector would
-/// otherwise be read, and logged, at every defrag pause).
-const RETRY_UNREADABLE: Duration = Duration::from_secs(30);
-
 /// A wblock is read for defrag in pieces of at most this size, each issued when the one
 /// before has completed, so a client read queued on the device waits behind a piece rather
 /// than behind the whole wblock.
@@ -70,8 +66,8 @@ pub(super) struct DefragState {
     last_look: Option<Instant>,
     /// The wblock being walked (read in full, state `Defrag`).
     pub(super) job: Option<DefragJob>,
-    /// Wblocks whose defrag read failed, and when: left alone for `RETRY_UNREADABLE`, or
-    /// until they are freed.
+    /// Wblocks whose defrag read failed, and when: left alone for
+    /// `defrag_retry_unreadable_ms`, or until they are freed.
     pub(super) unreadable: HashMap<(u32, u32), Instant>,
 }
 
@@ -213,9 +209,14 @@ impl Shard {
         self.shared.stats[self.id].defrag_queue.store(self.defrag.queue.len() as u64, Relaxed);
     }
 
-    /// Whether defrag failed to read the wblock less than `RETRY_UNREADABLE` ago.
+    /// How long a wblock whose defrag read failed is left alone.
+    fn retry_unreadable(&self) -> Duration {
+        Duration::from_millis(self.shared.cfg.defrag_retry_unreadable_ms)
+    }
+
+    /// Whether defrag failed to read the wblock less than `retry_unreadable` ago.
     fn unreadable_lately(&self, dev: u32, w: u32) -> bool {
-        self.defrag.unreadable.get(&(dev, w)).is_some_and(|t| t.elapsed() < RETRY_UNREADABLE)
+        self.defrag.unreadable.get(&(dev, w)).is_some_and(|t| t.elapsed() < self.retry_unreadable())
     }
 
     /// Read the next piece of the wblock being read for defrag.
@@ -238,9 +239,9 @@ impl Shard {
         let give_up = match &c.result {
             Err(e) => {
                 tracing::error!(
-                    "shard {}: defrag read of device {dev} wblock {w} failed: {e}; trying it again in {} s",
+                    "shard {}: defrag read of device {dev} wblock {w} failed: {e}; trying it again in {:?}",
                     self.id,
-                    RETRY_UNREADABLE.as_secs()
+                    self.retry_unreadable()
                 );
                 self.shared.stats[self.id].defrag_read_errors.fetch_add(1, Relaxed);
                 self.defrag.unreadable.insert((dev, w), Instant::now());
