@@ -51,6 +51,10 @@ OPTIONS:
         --durable-delete    DB deletes leave tombstones
         --send-key          send the user key with every request (default: digest only)
         --json FILE         write the summary as JSON
+        --resp              talk to a Redis server instead (with -a and RU only): GET and SET
+                            of key:<12-digit key> with a value of 'x' as long as the first
+                            bin of -o, the keys and values redis-benchmark -r K -d N uses; for
+                            timing Redis with this client next to Ferrospike
         --help              this text
 
 Keys are integers; the digest is RIPEMD-160(set, key type, key) as every client computes it.
@@ -102,6 +106,8 @@ pub struct Options {
     pub json: Option<String>,
     /// Event loops drive the connections (None: a thread per connection).
     pub event_loops: Option<usize>,
+    /// Speak Redis's protocol (RESP): GET/SET of `key:<12 digits>` (`--resp`).
+    pub resp: bool,
 }
 
 impl Default for Options {
@@ -123,6 +129,7 @@ impl Default for Options {
             send_key: false,
             json: None,
             event_loops: None,
+            resp: false,
         }
     }
 }
@@ -198,6 +205,7 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
             "--durable-delete" => o.durable_delete = true,
             "--send-key" => o.send_key = true,
             "--json" => o.json = Some(v()?),
+            "--resp" => o.resp = true,
             "-a" | "--async" => o.event_loops = Some(o.event_loops.unwrap_or(1)),
             "-W" | "--event-loops" | "--eventLoops" => o.event_loops = Some(num(a, v()?)?),
             s => return Err(format!("unknown option '{s}' (see --help)")),
@@ -219,6 +227,9 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
         if o.batch_size > 1 || o.throughput.is_some() {
             return Err("--async runs single-key requests in a closed loop: no --batch-size or --throughput".into());
         }
+    }
+    if o.resp && (o.event_loops.is_none() || !matches!(o.workload, Workload::ReadUpdate { .. })) {
+        return Err("--resp runs RU workloads with -a only (populate Redis with redis-cli)".into());
     }
     if o.throughput == Some(0) {
         return Err("--throughput must be at least 1".into());
@@ -602,6 +613,15 @@ fn key_of(o: &Options, rng: &mut Rng, next: &mut u64) -> u64 {
 
 /// Encode a single-key request of `kind` into `req`.
 fn encode_single(o: &Options, kind: Kind, rng: &mut Rng, next_linear: &mut u64, req: &mut Vec<u8>) {
+    if o.resp {
+        let key = key_of(o, rng, next_linear);
+        let value_len = match o.bins.first() {
+            Some(BinSpec::Str(n) | BinSpec::Blob(n)) => *n,
+            _ => 1,
+        };
+        encode_resp(req, kind == Kind::Write, key, value_len);
+        return;
+    }
     let uk = UserKey::Int(key_of(o, rng, next_linear) as i64);
     let k = Key { namespace: &o.namespace, set: &o.set, key: &uk, send_key: o.send_key };
     match kind {
@@ -609,6 +629,63 @@ fn encode_single(o: &Options, kind: Kind, rng: &mut Rng, next_linear: &mut u64, 
         Kind::Write => encode_put(req, &k, &make_bins(&o.bins, rng)),
         _ => encode_delete(req, &k, o.durable_delete),
     }
+}
+
+/// A Redis GET of `key:<key, 12 digits>`, or a SET of it to `value_len` bytes of 'x' (what
+/// `redis-benchmark -r K -d N` sends).
+fn encode_resp(req: &mut Vec<u8>, set: bool, key: u64, value_len: usize) {
+    req.clear();
+    let key = format!("key:{key:012}");
+    if set {
+        let _ = write!(VecWriter(req), "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${value_len}\r\n", key.len());
+        req.resize(req.len() + value_len, b'x');
+        req.extend_from_slice(b"\r\n");
+    } else {
+        let _ = write!(VecWriter(req), "*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len());
+    }
+}
+
+/// `fmt::Write` into a byte vector.
+struct VecWriter<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for VecWriter<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// One Redis reply from the front of `buf`, mapped to an Aerospike result code for the error
+/// table: 0 for `+OK`, an integer or a value, 2 (KEY_NOT_FOUND) for a nil bulk string, 1
+/// (SERVER_ERROR) for an error reply. `None` until the reply is whole.
+fn parse_resp_reply(buf: &mut Vec<u8>) -> Result<Option<u8>, WireError> {
+    let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
+        if buf.len() > 64 * 1024 {
+            return Err(WireError::Protocol("RESP reply line longer than 64 KiB".into()));
+        }
+        return Ok(None);
+    };
+    let bad =
+        || WireError::Protocol(format!("unexpected RESP reply {:?}", String::from_utf8_lossy(&buf[..eol.min(64)])));
+    let (rc, used) = match buf.first() {
+        Some(b'+' | b':') => (0, eol + 2),
+        Some(b'-') => (1, eol + 2),
+        Some(b'$') => {
+            let len: i64 = std::str::from_utf8(&buf[1..eol]).ok().and_then(|t| t.parse().ok()).ok_or_else(bad)?;
+            if len < 0 {
+                (2, eol + 2)
+            } else {
+                let need = eol + 2 + len as usize + 2;
+                if buf.len() < need {
+                    return Ok(None);
+                }
+                (0, need)
+            }
+        }
+        _ => return Err(bad()),
+    };
+    buf.drain(..used);
+    Ok(Some(rc))
 }
 
 /// This connection's slice `[lo, hi)` of the key range, for linear workloads.
@@ -660,7 +737,7 @@ fn event_loop(mine: &[usize], o: &Options, addr: &str, stats: &Stats, done: &Ato
                 continue;
             }
             if let Some(ac) = c.conn.as_mut() {
-                match ac.try_response() {
+                match ac.try_response(o.resp) {
                     Ok(None) => continue,
                     Ok(Some(rc)) => {
                         let (kind, sent) = c.in_flight.take().expect("a response answers a request");
@@ -749,11 +826,14 @@ impl AsyncConn {
         Ok(())
     }
 
-    /// Read what has arrived; the result code once a whole response is in.
-    fn try_response(&mut self) -> Result<Option<u8>, WireError> {
+    /// Read what has arrived; the result code once a whole response (a RESP reply with
+    /// `resp`) is in.
+    fn try_response(&mut self, resp: bool) -> Result<Option<u8>, WireError> {
         use std::io::Read;
         loop {
-            if let Some(rc) = crate::wire::parse_response(&mut self.inbuf)? {
+            let parsed =
+                if resp { parse_resp_reply(&mut self.inbuf)? } else { crate::wire::parse_response(&mut self.inbuf)? };
+            if let Some(rc) = parsed {
                 return Ok(Some(rc));
             }
             let have = self.inbuf.len();
@@ -845,5 +925,33 @@ mod tests {
         assert_eq!(parse_args(&args("-z 8")).unwrap().event_loops, None);
         assert!(parse_args(&args("-z 2 -W 3")).is_err(), "more event loops than connections");
         assert!(parse_args(&args("-a --throughput 100")).is_err());
+    }
+
+    #[test]
+    fn resp_requests_are_what_redis_benchmark_sends() {
+        let mut req = Vec::new();
+        encode_resp(&mut req, false, 42, 4);
+        assert_eq!(req, b"*2\r\n$3\r\nGET\r\n$16\r\nkey:000000000042\r\n");
+        encode_resp(&mut req, true, 7, 4);
+        assert_eq!(req, b"*3\r\n$3\r\nSET\r\n$16\r\nkey:000000000007\r\n$4\r\nxxxx\r\n");
+        assert!(parse_args(&args("-a -w RU,100 --resp")).unwrap().resp);
+        assert!(parse_args(&args("-w RU,100 --resp")).is_err(), "--resp needs -a");
+        assert!(parse_args(&args("-a -w I --resp")).is_err(), "--resp runs RU only");
+    }
+
+    #[test]
+    fn resp_replies_parse_whole_or_not_at_all() {
+        let mut buf = b"+OK\r\n$3\r\nabc\r\n$-1\r\n-ERR x\r\n:5\r\n$4\r\nab".to_vec();
+        assert_eq!(parse_resp_reply(&mut buf).unwrap(), Some(0), "+OK");
+        assert_eq!(parse_resp_reply(&mut buf).unwrap(), Some(0), "a value");
+        assert_eq!(parse_resp_reply(&mut buf).unwrap(), Some(2), "nil: not found");
+        assert_eq!(parse_resp_reply(&mut buf).unwrap(), Some(1), "an error reply");
+        assert_eq!(parse_resp_reply(&mut buf).unwrap(), Some(0), "an integer");
+        assert_eq!(parse_resp_reply(&mut buf).unwrap(), None, "half a value waits");
+        buf.extend_from_slice(b"cd\r\n");
+        assert_eq!(parse_resp_reply(&mut buf).unwrap(), Some(0));
+        assert!(buf.is_empty());
+        assert!(parse_resp_reply(&mut b"*1\r\n".to_vec()).is_err(), "arrays are not replies to GET/SET");
+        assert!(parse_resp_reply(&mut b"$x\r\n".to_vec()).is_err());
     }
 }
