@@ -10,7 +10,9 @@
 //!   checksum re-bound to the new place and its sequence unchanged, and the index is
 //!   repointed. The copies are written with RWF_DSYNC and the source's bytes are released
 //!   only when they complete, so the source returns to the free list only once every copy
-//!   made from it is durable. `defrag-sleep` separates two wblocks, bounding defrag's share
+//!   made from it is durable. The defrag stream's open wblock is sealed when full, or when
+//!   nothing qualifies unless sealing would make it qualify (it would be defragmented into a
+//!   new wblock, and so on). `defrag-sleep` separates two wblocks, bounding defrag's share
 //!   of the device. The wblock read is walked a slice at a time, one slice per loop turn,
 //!   so verifying and copying a whole wblock (up to a millisecond of work) never holds the
 //!   shard's clients up for more than a slice's worth; the wblock cannot be freed, and so
@@ -145,13 +147,16 @@ impl Shard {
         self.shared.live(dev, w) <= self.pending_release[dev as usize][w as usize]
     }
 
-    fn defrag_eligible(&self, dev: u32, w: u32) -> bool {
-        let wb = self.wb();
+    /// Whether a wblock holds live bytes, fewer than `defrag-lwm-pct` of its size.
+    fn sparse(&self, dev: u32, w: u32) -> bool {
         let live = self.shared.live(dev, w) as u64;
+        live > 0 && live * 100 < self.shared.cfg.defrag_lwm_pct as u64 * self.wb()
+    }
+
+    fn defrag_eligible(&self, dev: u32, w: u32) -> bool {
         self.wstate[dev as usize][w as usize] == WState::Used
             && !self.mem.contains_key(&(dev, w))
-            && live > 0
-            && live * 100 < self.shared.cfg.defrag_lwm_pct as u64 * wb
+            && self.sparse(dev, w)
             && !self.frees_itself(dev, w)
     }
 
@@ -185,10 +190,18 @@ impl Shard {
             self.refill_defrag_queue();
             if self.defrag.queue.is_empty() {
                 // Nothing qualifies: retire the defrag streams' partly filled wblocks, so the
-                // copies in them can age out like any other data; look again a little later.
+                // copies in them can age out like any other data, but only those that would
+                // not qualify themselves once sealed (nothing live left, which frees them, or
+                // at least `defrag-lwm-pct` live). A sparser one stays open for later copies;
+                // its bytes are written all the same (every wblock walk ends with a flush).
+                // Sealed, it would be defragmented as soon as it left the post-write cache,
+                // into a new output wblock sealed as sparse in turn, and so on for ever: the
+                // same records moved round, a wblock read and a synced write each time. Look
+                // again a little later.
                 for d in 0..self.wstate.len() {
-                    if self.open[slot(d as u32, DEFRAG)].is_some() {
-                        self.seal(slot(d as u32, DEFRAG));
+                    let s = slot(d as u32, DEFRAG);
+                    if self.open[s].as_ref().is_some_and(|o| !self.sparse(o.dev, o.w)) {
+                        self.seal(s);
                     }
                 }
                 self.defrag.next_at = Some(Instant::now() + Duration::from_millis(20));
