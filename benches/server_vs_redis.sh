@@ -102,10 +102,11 @@ OPTIONS:
                     CPU to the single-threaded load generator)
     --post-write-cache SIZE
                     ferrospike's post-write-cache (default: its own default, 256M). Redis
-                    holds every record in memory; "1G" lets ferrospike keep every write block
-                    it writes during the runs in memory too (200k records of 1536 bytes fill
-                    about 320 MiB of blocks, up to twice that as updates leave them sparse),
-                    so that no read goes to the device
+                    holds every record in memory; the cache keeps the write blocks written
+                    last, and defrag rewrites the records left in older blocks into new
+                    ones. 200k records of 1536 bytes fill about 320 MiB of blocks; with "1G"
+                    every read was answered from memory (device_reads in namespace/test
+                    stayed 0 through RU,50 and then RU,100)
     --same-client   also drive Redis with ferrospike-bench -a --resp (GET/SET of the same
                     keys and values, one event loop, timed exactly as Ferrospike is) in every
                     cell, and print a second table: Ferrospike against Redis under the same
