@@ -308,6 +308,58 @@ fn get_v(engine: &Engine, key: u64) -> Result<Option<i64>, ResultCode> {
     }
 }
 
+/// A create-only write to an existing record, or a write whose generation check fails,
+/// answers its error from the index without reading the record (which is on the device:
+/// the tests run without a post-write cache). A stored key must still be compared with a
+/// sent one first, so that case still reads.
+#[test]
+fn writes_that_fail_on_existence_or_generation_do_not_read_the_record() {
+    common::init_logs();
+    let engine = open(&disks(1, 64 << 20), cfg(1));
+    let reads = |e: &Engine| e.stats().device_reads;
+    assert_eq!(engine.execute(put_v(1, 10)).result, ResultCode::Ok);
+    assert_eq!(engine.execute(put_v(2, 20).with_key(b"two".to_vec())).result, ResultCode::Ok);
+    // Fill the open wblock so that the two records' one is sealed, written and dropped.
+    for k in 1000..1100 {
+        let filler = Command::put(common::digest_of(k).0, "demo", vec![Bin::new("b", Value::Blob(vec![7; 2000]))]);
+        assert_eq!(engine.execute(filler).result, ResultCode::Ok);
+    }
+    wait_for("key 1 is read from the device", || {
+        let b = reads(&engine);
+        get_v(&engine, 1) == Ok(Some(10)) && reads(&engine) > b
+    });
+    let before = reads(&engine);
+
+    let mut create = put_v(1, 11);
+    create.exists = ExistsAction::CreateOnly;
+    assert_eq!(engine.execute(create).result, ResultCode::RecordExists);
+    let incr = |generation| {
+        let mut c = Command::operate(common::digest_of(1).0, "demo", vec![Op::Incr("v".into(), Value::Int(1))]);
+        c.generation = generation;
+        c
+    };
+    assert_eq!(engine.execute(incr(GenPolicy::Eq(5))).result, ResultCode::Generation);
+    assert_eq!(engine.execute(incr(GenPolicy::Gt(1))).result, ResultCode::Generation);
+    assert_eq!(reads(&engine), before, "failing on the index's metadata reads nothing");
+
+    // The same increment with a generation that holds needs the old value: it reads.
+    assert_eq!(engine.execute(incr(GenPolicy::Eq(1))).result, ResultCode::Ok);
+    assert!(reads(&engine) > before, "an increment reads the record from the device");
+    assert_eq!(get_v(&engine, 1), Ok(Some(11)));
+
+    // A stored key is compared with a sent one before anything else.
+    let before = reads(&engine);
+    let mut other_key = put_v(2, 21).with_key(b"zwei".to_vec());
+    other_key.exists = ExistsAction::CreateOnly;
+    assert_eq!(engine.execute(other_key).result, ResultCode::KeyMismatch);
+    let mut same_key = put_v(2, 21).with_key(b"two".to_vec());
+    same_key.exists = ExistsAction::CreateOnly;
+    assert_eq!(engine.execute(same_key).result, ResultCode::RecordExists);
+    assert!(reads(&engine) >= before + 2, "both create-only writes with a sent key read the stored one");
+    assert_eq!(get_v(&engine, 2), Ok(Some(20)));
+    engine.shutdown().unwrap();
+}
+
 /// A client write whose device write fails latches the shard read-only. Until a restart,
 /// a read of a record that failed write carried answers SERVER_ERROR instead of what the
 /// index says (the new value, which the device may not hold, or nothing for a delete that

@@ -41,6 +41,23 @@ pub fn needs_bins(cmd: &Command) -> bool {
     cmd.is_write() && !replaces
 }
 
+/// Whether a write to an existing record of `generation` fails whatever the record's bins
+/// are: its generation check does not hold, or it may only create. [`apply`] then fails
+/// before it looks at a bin, provided the stored key need not be compared with a sent one
+/// first (the caller rules that out), so the record need not be read.
+pub fn fails_on_meta(cmd: &Command, generation: u16) -> bool {
+    if !cmd.is_write() {
+        return false;
+    }
+    let g = generation as u32;
+    let generation_fails = match cmd.generation {
+        GenPolicy::None => false,
+        GenPolicy::Eq(want) => want != g,
+        GenPolicy::Gt(above) => above <= g,
+    };
+    generation_fails || (!cmd.delete && matches!(cmd.exists, ExistsAction::CreateOnly))
+}
+
 /// Seconds since the Citrusleaf epoch plus `ttl`, saturating.
 fn void_after(now: u32, secs: u32) -> u32 {
     now.saturating_add(secs)

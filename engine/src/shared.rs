@@ -231,8 +231,9 @@ pub struct EngineStats {
     pub device_write_bytes: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
-    /// Updates that merged bins without reading the old record: they wrote every bin it had
-    /// (see [`crate::binsets`]).
+    /// Writes to an existing record that needed its bins and did not read them: updates that
+    /// wrote every bin it had (see [`crate::binsets`]), and create-only writes or failing
+    /// generation checks, which answer an error whatever the bins are.
     pub update_reads_skipped: u64,
     pub writes_held_for_space: u64,
     /// Records that failed checksum, location or digest checks when read.

@@ -679,6 +679,14 @@ impl Shard {
             self.finish(cmd, cb, Some(cur));
             return;
         }
+        if !(e.key_stored && cmd.key.is_some()) && ops::fails_on_meta(&cmd, e.generation) {
+            // A create-only write or a failing generation check: the answer is an error
+            // whatever the bins are, so the record is not read.
+            self.shared.stats[self.id].update_reads_skipped.fetch_add(1, Relaxed);
+            let cur = Current { generation: e.generation, void_time: e.void_time, key: None, bins: Vec::new() };
+            self.finish(cmd, cb, Some(cur));
+            return;
+        }
         if let Some(cur) = self.overwritten_current(&cmd, &e) {
             self.shared.stats[self.id].update_reads_skipped.fetch_add(1, Relaxed);
             self.finish(cmd, cb, Some(cur));
