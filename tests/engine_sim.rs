@@ -560,6 +560,34 @@ fn wblock_of(disk: &SimDisk, wb: u64, key: u64) -> u32 {
 /// Test keys with their latest version (`None`: deleted).
 type Latest = HashMap<u64, Option<i64>>;
 
+/// Keys 0..200 written once each with both bins (versions 1..=200) and flushed: their
+/// latest versions and the last version used.
+fn put_200(engine: &Engine) -> (Latest, i64) {
+    let mut latest = Latest::new();
+    for key in 0..200 {
+        put_vp(engine, key, key as i64 + 1);
+        latest.insert(key, Some(key as i64 + 1));
+    }
+    engine.flush();
+    (latest, 200)
+}
+
+/// One 4 MiB sim disk (31 data wblocks of 128 KiB) and a one-shard config whose defrag
+/// does not pause between wblocks.
+fn small_defrag_setup() -> (Vec<SimDisk>, EngineConfig) {
+    let mut c = cfg(1);
+    c.defrag_sleep_us = 0;
+    (disks(1, 4 << 20), c)
+}
+
+/// The wblock holding key 0 of keys 0..200 and the keys in it, checked to be full.
+fn key0_wblock(disk: &SimDisk, wb: u64) -> (u32, Vec<u64>) {
+    let target = wblock_of(disk, wb, 0);
+    let keys = keys_in_wblock(disk, target, wb, 0..200);
+    assert!(keys.len() > 60, "the wblock is full: {keys:?}");
+    (target, keys)
+}
+
 /// Overwrite the filler keys `fillers` in turn, with a flush after each pass, until
 /// wblock `w` holds a new write (it was freed, then taken from the free list, which is
 /// first in first out). Panics when that has not happened after eight times the device's
@@ -614,24 +642,13 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 #[test]
 fn unreadable_wblock_is_defragmented_when_tried_again() {
     common::init_logs();
-    let disks = disks(1, 4 << 20); // 31 data wblocks of 128 KiB
-    let mut c = cfg(1);
-    c.defrag_sleep_us = 0;
+    let (disks, mut c) = small_defrag_setup();
     c.defrag_retry_unreadable_ms = 200;
     let wb = c.wblock_bytes as u64;
     let engine = open(&disks, c.clone());
-    let mut latest = Latest::new();
-    let mut ver = 0i64;
-    for key in 0..200 {
-        ver += 1;
-        put_vp(&engine, key, ver);
-        latest.insert(key, Some(ver));
-    }
-    engine.flush();
+    let (mut latest, mut ver) = put_200(&engine);
     // The wblock holding key 0 turns sparse, and its reads fail when defrag reads it.
-    let target = wblock_of(&disks[0], wb, 0);
-    let keys = keys_in_wblock(&disks[0], target, wb, 0..200);
-    assert!(keys.len() > 60, "the wblock is full: {keys:?}");
+    let (target, keys) = key0_wblock(&disks[0], wb);
     let (kept, gone) = keys.split_at(keys.len() / 4);
     let bad = vec![(target as u64 * wb, (target as u64 + 1) * wb)];
     disks[0].set_faults(SimFaults { eio_read_ranges: bad, ..Default::default() });
@@ -666,9 +683,7 @@ fn unreadable_wblock_is_defragmented_when_tried_again() {
 #[test]
 fn freed_unreadable_wblock_is_defragmented_after_reuse() {
     common::init_logs();
-    let disks = disks(1, 4 << 20); // 31 data wblocks of 128 KiB
-    let mut c = cfg(1);
-    c.defrag_sleep_us = 0;
+    let (disks, mut c) = small_defrag_setup();
     // Only a wblock down to a record or two of under 1.3 KiB qualifies: the filler churn,
     // whose records are larger, never gives defrag work, so the client stream alone takes
     // wblocks from the free list, and a small record leaves its wblock only through defrag.
@@ -690,10 +705,8 @@ fn freed_unreadable_wblock_is_defragmented_after_reuse() {
     engine.flush();
     // The wblock holding small keys 0 and 1 turns sparse, and its reads fail when defrag
     // reads it: it is marked unreadable.
-    let target = wblock_of(&disks[0], wb, 0);
+    let (target, keys) = key0_wblock(&disks[0], wb);
     assert_eq!(wblock_of(&disks[0], wb, 1), target);
-    let keys = keys_in_wblock(&disks[0], target, wb, 0..200);
-    assert!(keys.len() > 60, "the wblock is full: {keys:?}");
     let bad = vec![(target as u64 * wb, (target as u64 + 1) * wb)];
     disks[0].set_faults(SimFaults { eio_read_ranges: bad, ..Default::default() });
     // Some of the large records are deleted, the rest overwritten. Each tombstone lands
@@ -783,25 +796,14 @@ fn assert_defrag_at_rest(engine: &Engine, when: &str) {
 #[test]
 fn defrag_comes_to_rest_once_nothing_qualifies() {
     common::init_logs();
-    let disks = disks(1, 4 << 20); // 31 data wblocks of 128 KiB
-    let mut c = cfg(1);
-    c.defrag_sleep_us = 0;
+    let (disks, c) = small_defrag_setup();
     let wb = c.wblock_bytes as u64;
     let engine = open(&disks, c.clone());
-    let mut latest = Latest::new();
-    let mut ver = 0i64;
-    for key in 0..200 {
-        ver += 1;
-        put_vp(&engine, key, ver);
-        latest.insert(key, Some(ver));
-    }
-    engine.flush();
+    let (mut latest, mut ver) = put_200(&engine);
     // Three quarters of the records of key 0's wblock are overwritten: down to a quarter of
     // its bytes, below the default defrag-lwm-pct of 50, it is the one wblock that
     // qualifies, and defrag moves the other quarter.
-    let target = wblock_of(&disks[0], wb, 0);
-    let keys = keys_in_wblock(&disks[0], target, wb, 0..200);
-    assert!(keys.len() > 60, "the wblock is full: {keys:?}");
+    let (_, keys) = key0_wblock(&disks[0], wb);
     for &key in &keys[keys.len() / 4..] {
         ver += 1;
         put_vp(&engine, key, ver);
