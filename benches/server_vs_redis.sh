@@ -61,7 +61,8 @@
 #   of the same keys and 1536-byte values): one event loop, the next request written as soon
 #   as the answer is read, the clock from that write to the answer, exactly as for
 #   Ferrospike. Its 50/50 is one process tossing a coin per request, as Ferrospike's is.
-# * Fairness. The order of the two systems alternates from cell to cell and from run to run.
+# * Fairness. The order of the systems rotates from cell to cell and from run to run (with
+#   --same-client, the three measurements of a cell in turn).
 #   The machine is shared and noisy: compare the ratios measured in one run, and look at the
 #   load averages printed at the start and the end.
 #
@@ -188,6 +189,7 @@ done
 if [[ -n $DEVICE ]]; then
     [[ -b $DEVICE ]] || die "--device $DEVICE is not a block device"
 fi
+[[ $CLIENT == async ]] || ((!SAME_CLIENT)) || die "--same-client drives both servers with ferrospike-bench -a: it needs --client async"
 case $CLIENT in
     async) CLIENT_FLAGS=(-a) ;;
     threads) CLIENT_FLAGS=() ;;
@@ -573,8 +575,17 @@ for ((run = 1; run <= RUNS; run++)); do
     for c in "${CONN_LIST[@]}"; do
         for w in "${WORKLOADS[@]}"; do
             cell=$((cell + 1))
-            if (((run + cell) % 2 == 0)); then order=(ferrospike redis); else order=(redis ferrospike); fi
-            ((SAME_CLIENT)) && order+=(redis-fb)
+            if ((SAME_CLIENT)); then
+                case $(((run + cell) % 3)) in
+                    0) order=(ferrospike redis redis-fb) ;;
+                    1) order=(redis redis-fb ferrospike) ;;
+                    *) order=(redis-fb ferrospike redis) ;;
+                esac
+            elif (((run + cell) % 2 == 0)); then
+                order=(ferrospike redis)
+            else
+                order=(redis ferrospike)
+            fi
             for sys in "${order[@]}"; do
                 server_alive
                 tag="run$run-$w-$c"
@@ -619,8 +630,9 @@ data = defaultdict(dict)  # (workload, conns, system) -> {run: (ops, p99, errors
 for run, w, c, system, ops, p99, errors in rows:
     data[(w, c, system)][run] = (float(ops), float(p99), int(errors))
 def k(x): return f"{x / 1e3:.1f}k"
+goal_name = "goal" if redis_system == "redis" else "ahead (not the goal's measure)"
 print("| workload | connections | ferrospike ops/s min / median / max | ferrospike p99 (median) "
-      "| Redis ops/s min / median / max | Redis p99 (median) | ferrospike / Redis ops/s (median of runs) | goal |")
+      f"| Redis ops/s min / median / max | Redis p99 (median) | ferrospike / Redis ops/s (median of runs) | {goal_name} |")
 print("|---|---|---|---|---|---|---|---|")
 for w, wn in (("RU,50", "50/50 read/update"), ("RU,100", "100% read")):
     for c in conns:
@@ -632,6 +644,8 @@ for w, wn in (("RU,50", "50/50 read/update"), ("RU,100", "100% read")):
         ratios = [f[x][0] / r[x][0] for x in f if x in r and r[x][0] > 0]
         ratio = st.median(ratios)
         goal = "met" if ratio > 1 and fp <= rp else "missed"
+        if redis_system != "redis":
+            goal = "yes" if ratio > 1 and fp <= rp else "no"
         bad = [name for name, d in (("ferrospike", f), ("Redis", r)) if any(v[2] for v in d.values())]
         if bad:
             goal += " (but %s answered errors: not comparable)" % " and ".join(bad)

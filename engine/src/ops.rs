@@ -55,6 +55,8 @@ pub fn fails_on_meta(cmd: &Command, generation: u16) -> bool {
         GenPolicy::Eq(want) => want != g,
         GenPolicy::Gt(above) => above <= g,
     };
+    // A delete fails only on its generation (`apply` answers it before the exists policy);
+    // the shard never asks for one, as a delete reads no bins.
     generation_fails || (!cmd.delete && matches!(cmd.exists, ExistsAction::CreateOnly))
 }
 

@@ -655,6 +655,10 @@ impl std::fmt::Write for VecWriter<'_> {
     }
 }
 
+/// Largest bulk string a reply may announce (Redis's own limit, proto-max-bulk-len, is
+/// 512 MiB by default); a larger length is a broken stream, not a value to buffer.
+const MAX_RESP_VALUE: i64 = 512 << 20;
+
 /// One Redis reply from the front of `buf`, mapped to an Aerospike result code for the error
 /// table: 0 for `+OK`, an integer or a value, 2 (KEY_NOT_FOUND) for a nil bulk string, 1
 /// (SERVER_ERROR) for an error reply. `None` until the reply is whole.
@@ -674,10 +678,15 @@ fn parse_resp_reply(buf: &mut Vec<u8>) -> Result<Option<u8>, WireError> {
             let len: i64 = std::str::from_utf8(&buf[1..eol]).ok().and_then(|t| t.parse().ok()).ok_or_else(bad)?;
             if len < 0 {
                 (2, eol + 2)
+            } else if len > MAX_RESP_VALUE {
+                return Err(bad());
             } else {
                 let need = eol + 2 + len as usize + 2;
                 if buf.len() < need {
                     return Ok(None);
+                }
+                if &buf[need - 2..need] != b"\r\n" {
+                    return Err(WireError::Protocol("RESP bulk string not followed by CRLF".into()));
                 }
                 (0, need)
             }
@@ -953,5 +962,7 @@ mod tests {
         assert!(buf.is_empty());
         assert!(parse_resp_reply(&mut b"*1\r\n".to_vec()).is_err(), "arrays are not replies to GET/SET");
         assert!(parse_resp_reply(&mut b"$x\r\n".to_vec()).is_err());
+        assert!(parse_resp_reply(&mut b"$1\r\nabc\r\n".to_vec()).is_err(), "value longer than announced");
+        assert!(parse_resp_reply(&mut b"$9999999999\r\n".to_vec()).is_err(), "absurd length");
     }
 }

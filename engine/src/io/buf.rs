@@ -161,7 +161,7 @@ impl WBuf {
 
     /// Copy `[off, off+len)` out of the buffer.
     pub fn read_at(&self, off: usize, len: usize) -> Vec<u8> {
-        assert!(off + len <= self.len());
+        assert!(off.checked_add(len).is_some_and(|end| end <= self.len()), "read_at out of range");
         let mut out = Vec::with_capacity(len);
         // SAFETY: the range is inside the allocation; concurrent device reads of the frozen
         // prefix do not conflict with our read, and nothing writes the buffer meanwhile

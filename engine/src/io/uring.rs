@@ -17,7 +17,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::rc::Rc;
 use std::time::Duration;
@@ -190,7 +190,9 @@ impl Arena {
         // land anywhere in the arena, and with 4 KiB pages nearly each one misses the TLB.
         // Advice only; a kernel without THP says EINVAL and the arena works as before.
         // SAFETY: the range is exactly the mapping just created.
-        unsafe { libc::madvise(p, total, libc::MADV_HUGEPAGE) };
+        if unsafe { libc::madvise(p, total, libc::MADV_HUGEPAGE) } != 0 {
+            tracing::debug!("arena: MADV_HUGEPAGE refused ({}); 4 KiB pages", io::Error::last_os_error());
+        }
         let base = NonNull::new(p.cast::<u8>()).expect("mmap returned null");
         // Hand out low slots first.
         let free = (0..slots as u16).rev().collect();
@@ -411,7 +413,8 @@ impl UringBackend {
     ) -> Result<UringBackend, DeviceError> {
         assert!((1..=MAX_SQ_ENTRIES).contains(&entries), "ring entries {entries} not in 1..={MAX_SQ_ENTRIES}");
         assert_eq!(fds.len(), devices.len(), "one fd per device");
-        let (ring, setup_flags) = build_ring(entries)?;
+        let (mut ring, setup_flags) = build_ring(entries)?;
+        let recv_poll_first = probe_recv_poll_first(&mut ring);
         if !fds.is_empty() {
             ring.submitter()
                 .register_files(fds)
@@ -433,7 +436,7 @@ impl UringBackend {
             doorbell,
             doorbell_armed: false,
             rung: false,
-            recv_poll_first: setup_flags != "plain",
+            recv_poll_first,
             setup_flags,
             buffers_note,
             stats: Stats::default(),
@@ -679,7 +682,49 @@ fn build_sqe(op: &mut Op, idx: usize, arena: Option<&Arena>, stats: &mut Stats) 
 /// `IORING_RECVSEND_POLL_FIRST` from the kernel's io_uring.h (kernel 5.19+).
 const RECV_POLL_FIRST: u16 = 1;
 
-/// The SQE for what is left of a socket operation (no `user_data` yet).
+/// Whether the kernel takes `IORING_RECVSEND_POLL_FIRST` on a receive: one receive with the
+/// flag on a socket pair that holds a byte, on the fresh ring. An older kernel (or one with
+/// the ring's flags backported and not this) answers EINVAL, and every receive would fail.
+fn probe_recv_poll_first(ring: &mut IoUring) -> bool {
+    let mut sv = [0; 2];
+    // SAFETY: socketpair writes two descriptors into the array it is given.
+    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, sv.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: both descriptors were just created and are owned here alone.
+    let (a, b) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+    // SAFETY: writes one byte from a static string to a socket we own.
+    if unsafe { libc::write(b.as_raw_fd(), b"x".as_ptr().cast(), 1) } != 1 {
+        return false;
+    }
+    let mut byte = Box::new(0u8);
+    let sqe = opcode::Recv::new(Fd(a.as_raw_fd()), &mut *byte, 1).ioprio(RECV_POLL_FIRST).build().user_data(0);
+    // SAFETY: the receive writes into `byte`'s heap cell and reads socket `a`; both stay
+    // alive until its completion has been seen, or are leaked when it cannot be.
+    if unsafe { ring.submission().push(&sqe) }.is_err() {
+        return false;
+    }
+    let completed = loop {
+        match ring.submit_and_wait(1) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => break r.is_ok(),
+        }
+    };
+    if !completed {
+        // The receive may still be with the kernel: its memory and socket must outlive it.
+        std::mem::forget((byte, a, b));
+        return false;
+    }
+    let ok = ring.completion().next().is_some_and(|c| c.result() == 1);
+    if !ok {
+        tracing::debug!("io_uring: receives without POLL_FIRST (the kernel refused it)");
+    }
+    ok
+}
+
+/// The SQE for what is left of a socket operation (no `user_data` yet). `poll_first` skips a
+/// receive's first attempt (not for the rest of a receive continued at an offset into its
+/// buffer, whose bytes may well be waiting).
 fn build_sock_sqe(req: &mut SockRequest, poll_first: bool) -> squeue::Entry {
     let fd = Fd(req.fd);
     match &mut req.op {
@@ -689,7 +734,8 @@ fn build_sock_sqe(req: &mut SockRequest, poll_first: bool) -> squeue::Entry {
             // Poll first: a receive is armed when the connection's client is waiting for an
             // answer, so the socket is almost always empty and the attempt io_uring would
             // otherwise make before arming its poll only fails.
-            opcode::Recv::new(fd, rest.as_mut_ptr(), len).ioprio(if poll_first { RECV_POLL_FIRST } else { 0 }).build()
+            let ioprio = if poll_first && *at == 0 { RECV_POLL_FIRST } else { 0 };
+            opcode::Recv::new(fd, rest.as_mut_ptr(), len).ioprio(ioprio).build()
         }
         SockOp::Send { buf, at } => {
             let rest = &buf[*at..];
@@ -702,6 +748,7 @@ fn build_sock_sqe(req: &mut SockRequest, poll_first: bool) -> squeue::Entry {
     }
 }
 
+/// Set up the ring with the best flags the kernel accepts.
 fn build_ring(entries: u32) -> Result<(IoUring, &'static str), DeviceError> {
     let cq = (entries * 4).max(MIN_CQ_ENTRIES);
     let mut last_err = None;
@@ -1435,6 +1482,16 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         (client, l.accept().unwrap().0)
+    }
+
+    #[test]
+    fn this_kernel_takes_receives_that_poll_first() {
+        // The test machines run 6.x kernels; on one that refused the flag the backend would
+        // receive without it, and this test says so.
+        let (mut ring, _) = build_ring(8).unwrap();
+        assert!(probe_recv_poll_first(&mut ring), "IORING_RECVSEND_POLL_FIRST refused by this kernel");
+        let mut plain = IoUring::new(8).unwrap();
+        assert!(probe_recv_poll_first(&mut plain), "the flag does not depend on the ring's set-up flags");
     }
 
     #[test]

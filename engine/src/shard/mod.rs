@@ -681,7 +681,9 @@ impl Shard {
         }
         if !(e.key_stored && cmd.key.is_some()) && ops::fails_on_meta(&cmd, e.generation) {
             // A create-only write or a failing generation check: the answer is an error
-            // whatever the bins are, so the record is not read.
+            // whatever the bins are, so the record is not read. (A damaged stored copy, which
+            // a read would have answered with SERVER_ERROR, then goes unnoticed here, as it
+            // does for the updates of `overwritten_current`.)
             self.shared.stats[self.id].update_reads_skipped.fetch_add(1, Relaxed);
             let cur = Current { generation: e.generation, void_time: e.void_time, key: None, bins: Vec::new() };
             self.finish(cmd, cb, Some(cur));
