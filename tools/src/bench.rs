@@ -634,24 +634,15 @@ fn encode_single(o: &Options, kind: Kind, rng: &mut Rng, next_linear: &mut u64, 
 /// A Redis GET of `key:<key, 12 digits>`, or a SET of it to `value_len` bytes of 'x' (what
 /// `redis-benchmark -r K -d N` sends).
 fn encode_resp(req: &mut Vec<u8>, set: bool, key: u64, value_len: usize) {
+    use std::io::Write as _;
     req.clear();
     let key = format!("key:{key:012}");
     if set {
-        let _ = write!(VecWriter(req), "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${value_len}\r\n", key.len());
+        let _ = write!(req, "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${value_len}\r\n", key.len());
         req.resize(req.len() + value_len, b'x');
         req.extend_from_slice(b"\r\n");
     } else {
-        let _ = write!(VecWriter(req), "*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len());
-    }
-}
-
-/// `fmt::Write` into a byte vector.
-struct VecWriter<'a>(&'a mut Vec<u8>);
-
-impl std::fmt::Write for VecWriter<'_> {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        self.0.extend_from_slice(s.as_bytes());
-        Ok(())
+        let _ = write!(req, "*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len());
     }
 }
 

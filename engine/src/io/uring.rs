@@ -393,8 +393,8 @@ pub(super) struct UringBackend {
     socks_in_kernel: usize,
     sock_serial: u64,
     setup_flags: &'static str,
-    /// Receives skip their first attempt ([`RECV_POLL_FIRST`]); only on rings with a
-    /// task-run flag, whose kernels (5.19+) know the bit.
+    /// Receives skip their first attempt ([`RECV_POLL_FIRST`]), where
+    /// [`probe_recv_poll_first`] found that the kernel takes the bit.
     recv_poll_first: bool,
     buffers_note: String,
     stats: Stats,

@@ -675,21 +675,10 @@ impl Shard {
         };
         let need_body = ops::needs_bins(&cmd) || (cmd.is_write() && !cmd.delete && e.key_stored && cmd.key.is_none());
         if !need_body {
-            let cur = Current { generation: e.generation, void_time: e.void_time, key: None, bins: Vec::new() };
-            self.finish(cmd, cb, Some(cur));
+            self.finish(cmd, cb, Some(meta_only(&e)));
             return;
         }
-        if !(e.key_stored && cmd.key.is_some()) && ops::fails_on_meta(&cmd, e.generation) {
-            // A create-only write or a failing generation check: the answer is an error
-            // whatever the bins are, so the record is not read. (A damaged stored copy, which
-            // a read would have answered with SERVER_ERROR, then goes unnoticed here, as it
-            // does for the updates of `overwritten_current`.)
-            self.shared.stats[self.id].update_reads_skipped.fetch_add(1, Relaxed);
-            let cur = Current { generation: e.generation, void_time: e.void_time, key: None, bins: Vec::new() };
-            self.finish(cmd, cb, Some(cur));
-            return;
-        }
-        if let Some(cur) = self.overwritten_current(&cmd, &e) {
+        if let Some(cur) = self.current_without_read(&cmd, &e) {
             self.shared.stats[self.id].update_reads_skipped.fetch_add(1, Relaxed);
             self.finish(cmd, cb, Some(cur));
             return;
@@ -714,15 +703,20 @@ impl Shard {
         }
     }
 
-    /// The current version as far as an update needs it, without reading the record, when
-    /// the update writes (with a value) every bin the record has and nothing but that: the
-    /// merge then keeps the old bins' names and order and none of their values, so they stand
-    /// in as `Nil`s that the writes replace. None when the record must be read: another op
-    /// (read, incr, append, touch, a bin deleted), a policy that is not a merge, a stored key
-    /// (a sent one must be compared with it), or bin names not known or not all written.
+    /// The current version as far as a write needs it, without reading the record, in two
+    /// cases. A create-only write or a failing generation check: the answer is an error
+    /// whatever the bins are (unless a sent key must first be compared with the stored one).
+    /// An update that writes (with a value) every bin the record has and nothing but that:
+    /// the merge then keeps the old bins' names and order and none of their values, so they
+    /// stand in as `Nil`s that the writes replace. None when the record must be read: another
+    /// op (read, incr, append, touch, a bin deleted), a policy that is not a merge, a stored
+    /// key (a sent one must be compared with it), or bin names not known or not all written.
     /// A damaged old copy, which a read would have answered with SERVER_ERROR, is then not
-    /// looked at: the update replaces it, as it replaces a sound one.
-    fn overwritten_current(&self, cmd: &Command, e: &IndexEntry) -> Option<Current> {
+    /// looked at: the write replaces it, or fails, as it would over a sound one.
+    fn current_without_read(&self, cmd: &Command, e: &IndexEntry) -> Option<Current> {
+        if !(e.key_stored && cmd.key.is_some()) && ops::fails_on_meta(cmd, e.generation) {
+            return Some(meta_only(e));
+        }
         let merge = matches!(cmd.exists, ExistsAction::Update | ExistsAction::UpdateOnly);
         if !merge || cmd.delete || cmd.read_all || e.key_stored || cmd.ops.is_empty() {
             return None;
@@ -735,7 +729,7 @@ impl Shard {
             return None;
         }
         let bins = names.iter().map(|n| Bin { name: n.clone(), value: Value::Nil }).collect();
-        Some(Current { generation: e.generation, void_time: e.void_time, key: None, bins })
+        Some(Current { bins, ..meta_only(e) })
     }
 
     /// Apply the command and carry out its outcome; then let queued writes of the digest go.
@@ -974,4 +968,9 @@ impl From<DeviceError> for ResultCode {
     fn from(_: DeviceError) -> ResultCode {
         ResultCode::ServerError
     }
+}
+
+/// The current version as far as the index knows it: generation and expiry, no key, no bins.
+fn meta_only(e: &IndexEntry) -> Current {
+    Current { generation: e.generation, void_time: e.void_time, key: None, bins: Vec::new() }
 }
