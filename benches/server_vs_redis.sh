@@ -521,35 +521,33 @@ redis_measure() { # WORKLOAD CONNS TAG SECONDS
     return 0
 }
 
-ferro_measure() { # WORKLOAD CONNS TAG SECONDS -> F_OPS F_P99 F_ERR F_DETAIL
-    local w=$1 c=$2 tag=$3 secs=$4 rc=0
-    local json="$WORK/out/ferro-$tag.json"
-    run_load "$BENCH" "${CLIENT_FLAGS[@]}" -p "$FERRO_PORT" -k "$KEYS" -o "B$RECORD" -w "$w" -z "$c" -t "$secs" --json "$json" \
-        >"$WORK/out/ferro-$tag.log" 2>&1 || rc=$?
+# ferrospike-bench against one server: NAME PORT WORKLOAD CONNS TAG SECONDS [FLAGS...] ->
+# B_OPS B_P99 B_ERR B_DETAIL (NAME names its output files).
+bench_measure() {
+    local name=$1 port=$2 w=$3 c=$4 tag=$5 secs=$6 rc=0
+    shift 6
+    local json="$WORK/out/$name-$tag.json" log="$WORK/out/$name-$tag.log"
+    run_load "$BENCH" "$@" -p "$port" -k "$KEYS" -o "B$RECORD" -w "$w" -z "$c" -t "$secs" --json "$json" \
+        >"$log" 2>&1 || rc=$?
     if ((rc != 0 && rc != 1)) || [[ ! -s $json ]]; then
-        tail -n 20 "$WORK/out/ferro-$tag.log" >&2
-        die "ferrospike-bench -w $w -z $c exited with status $rc"
+        tail -n 20 "$log" >&2
+        die "ferrospike-bench $* -w $w -z $c exited with status $rc"
     fi
-    read -r F_OPS F_P99 F_ERR F_DETAIL < <(ferro_parse "$json") || die "cannot read $json"
-    if ((F_ERR > 0)); then
-        echo "   WARNING: ferrospike-bench -w $w -z $c saw $F_ERR failed requests: ${F_DETAIL##*; errors} $(grep -m1 'first network' "$WORK/out/ferro-$tag.log" || true)" >&2
+    read -r B_OPS B_P99 B_ERR B_DETAIL < <(ferro_parse "$json") || die "cannot read $json"
+    if ((B_ERR > 0)); then
+        echo "   WARNING: ferrospike-bench $* -w $w -z $c saw $B_ERR failed requests: ${B_DETAIL##*; errors} $(grep -m1 'first network' "$log" || true)" >&2
     fi
+}
+
+ferro_measure() { # WORKLOAD CONNS TAG SECONDS -> F_OPS F_P99 F_ERR F_DETAIL
+    bench_measure ferro "$FERRO_PORT" "$@" "${CLIENT_FLAGS[@]}"
+    F_OPS=$B_OPS F_P99=$B_P99 F_ERR=$B_ERR F_DETAIL=$B_DETAIL
 }
 
 # Redis through ferrospike-bench --resp: WORKLOAD CONNS TAG SECONDS -> S_OPS S_P99 S_ERR S_DETAIL
 same_client_measure() {
-    local w=$1 c=$2 tag=$3 secs=$4 rc=0
-    local json="$WORK/out/redis-fb-$tag.json"
-    run_load "$BENCH" -a --resp -p "$REDIS_PORT" -k "$KEYS" -o "B$RECORD" -w "$w" -z "$c" -t "$secs" --json "$json" \
-        >"$WORK/out/redis-fb-$tag.log" 2>&1 || rc=$?
-    if ((rc != 0 && rc != 1)) || [[ ! -s $json ]]; then
-        tail -n 20 "$WORK/out/redis-fb-$tag.log" >&2
-        die "ferrospike-bench --resp -w $w -z $c exited with status $rc"
-    fi
-    read -r S_OPS S_P99 S_ERR S_DETAIL < <(ferro_parse "$json") || die "cannot read $json"
-    if ((S_ERR > 0)); then
-        echo "   WARNING: ferrospike-bench --resp -w $w -z $c saw $S_ERR failed requests: ${S_DETAIL##*; errors}" >&2
-    fi
+    bench_measure redis-fb "$REDIS_PORT" "$@" -a --resp
+    S_OPS=$B_OPS S_P99=$B_P99 S_ERR=$B_ERR S_DETAIL=$B_DETAIL
 }
 
 kilo() { awk -v x="$1" 'BEGIN { printf "%.1fk", x / 1e3 }'; }
