@@ -790,10 +790,11 @@ fn assert_defrag_at_rest(engine: &Engine, when: &str) {
 
 /// Defrag's own output is not its next candidate. Once defrag has moved the records of
 /// the one sparse wblock into its output wblock (which they fill to less than
-/// `defrag-lwm-pct`) and nothing else qualifies, it comes to rest: it does not seal that
-/// output wblock, which, out of the post-write cache at once here, would qualify in turn
-/// and have the same records moved from wblock to wblock for ever (a wblock read and a
-/// synced write each time). Every record reads back its latest version, also after a
+/// `defrag-lwm-pct`) and nothing else qualifies, it comes to rest: it seals that output
+/// wblock, which, sparse and out of the post-write cache at once here, would otherwise
+/// qualify in turn and have the same records moved from wblock to wblock for ever (a
+/// wblock read and a synced write each time), but does not take it until some of its live
+/// bytes go. Every record reads back its latest version, also after a
 /// restart, after which defrag comes to rest again.
 #[test]
 fn defrag_comes_to_rest_once_nothing_qualifies() {

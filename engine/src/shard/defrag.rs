@@ -11,8 +11,8 @@
 //!   repointed. The copies are written with RWF_DSYNC and the source's bytes are released
 //!   only when they complete, so the source returns to the free list only once every copy
 //!   made from it is durable. The defrag stream's open wblock is sealed when full, or when
-//!   nothing qualifies unless sealing would make it qualify (it would be defragmented into a
-//!   new wblock, and so on). `defrag-sleep` separates two wblocks, bounding defrag's share
+//!   nothing qualifies; sealed sparse then, it is not a candidate until some of its live
+//!   bytes go (else it would be defragmented into a new wblock, and so on). `defrag-sleep` separates two wblocks, bounding defrag's share
 //!   of the device. The wblock read is walked a slice at a time, one slice per loop turn,
 //!   so verifying and copying a whole wblock (up to a millisecond of work) never holds the
 //!   shard's clients up for more than a slice's worth; the wblock cannot be freed, and so
@@ -71,6 +71,9 @@ pub(super) struct DefragState {
     /// Wblocks whose defrag read failed, and when: left alone for
     /// `defrag_retry_unreadable_ms`, or until they are freed.
     pub(super) unreadable: HashMap<(u32, u32), Instant>,
+    /// Defrag's own output wblocks, sealed sparse when nothing qualified, with their live
+    /// bytes then: not candidates until some of those bytes go, or they are freed.
+    pub(super) rested: HashMap<(u32, u32), u32>,
 }
 
 pub(super) struct DefragJob {
@@ -158,6 +161,7 @@ impl Shard {
             && !self.mem.contains_key(&(dev, w))
             && self.sparse(dev, w)
             && !self.frees_itself(dev, w)
+            && self.defrag.rested.get(&(dev, w)).is_none_or(|&at| self.shared.live(dev, w) < at)
     }
 
     fn refill_defrag_queue(&mut self) {
@@ -190,17 +194,20 @@ impl Shard {
             self.refill_defrag_queue();
             if self.defrag.queue.is_empty() {
                 // Nothing qualifies: retire the defrag streams' partly filled wblocks, so the
-                // copies in them can age out like any other data, but only those that would
-                // not qualify themselves once sealed (nothing live left, which frees them, or
-                // at least `defrag-lwm-pct` live). A sparser one stays open for later copies;
-                // its bytes are written all the same (every wblock walk ends with a flush).
-                // Sealed, it would be defragmented as soon as it left the post-write cache,
-                // into a new output wblock sealed as sparse in turn, and so on for ever: the
-                // same records moved round, a wblock read and a synced write each time. Look
-                // again a little later.
+                // copies in them can age out like any other data (a dead copy in a wblock
+                // left open would hold back tombstone collection: its sequence bounds the
+                // oldest data on the device until the wblock is freed). A sparse one is
+                // remembered with its live bytes and is not a candidate until some of them go:
+                // else it would be defragmented as soon as it left the post-write cache, into
+                // a new output wblock sealed sparse in turn, and so on for ever, the same
+                // records moved round, a wblock read and a synced write each time. Look again
+                // a little later.
                 for d in 0..self.wstate.len() {
                     let s = slot(d as u32, DEFRAG);
-                    if self.open[s].as_ref().is_some_and(|o| !self.sparse(o.dev, o.w)) {
+                    if let Some(o) = self.open[s].as_ref() {
+                        if self.sparse(o.dev, o.w) {
+                            self.defrag.rested.insert((o.dev, o.w), self.shared.live(o.dev, o.w));
+                        }
                         self.seal(s);
                     }
                 }

@@ -249,6 +249,7 @@ impl Shard {
         }
         self.wstate[dev as usize][w as usize] = WState::Free;
         self.defrag.unreadable.remove(&(dev, w));
+        self.defrag.rested.remove(&(dev, w));
         self.free[dev as usize].push_back(w);
         self.shared.stats[self.id].free_wblocks.fetch_add(1, Relaxed);
     }
