@@ -994,3 +994,86 @@ fn a_shard_failing_at_start_up_fails_the_open_without_hanging() {
     assert!(e.execute(Command::get(d)).is_ok());
     e.shutdown().unwrap();
 }
+
+/// A front-end stand-in: in its first turn it submits every command of `script`, calling
+/// [`HookCtx::run_submitted`] after the first `run_after` of them (never when `None`: the
+/// rest then runs when the turn ends), and files each reply under its command's number.
+struct ScriptHook {
+    script: Vec<Command>,
+    run_after: Option<usize>,
+    replies: Arc<std::sync::Mutex<Vec<Option<ferrospike_engine::Reply>>>>,
+}
+
+impl ferrospike_engine::hook::ShardHook for ScriptHook {
+    fn start(&mut self, _doorbell: Arc<ferrospike_engine::io::Doorbell>) {}
+
+    fn turn(&mut self, ctx: &mut ferrospike_engine::hook::HookCtx<'_>) -> bool {
+        let script = std::mem::take(&mut self.script);
+        let did = !script.is_empty();
+        for (i, cmd) in script.into_iter().enumerate() {
+            if self.run_after == Some(i) {
+                ctx.run_submitted();
+            }
+            let replies = self.replies.clone();
+            ctx.submit(cmd, move |r| replies.lock().unwrap()[i] = Some(r));
+        }
+        did
+    }
+}
+
+/// Commands a shard's hook submits in one turn run in the order submitted, each exactly
+/// once, whether the hook runs them itself part way or leaves them to the end of the turn,
+/// for records of either shard (the other shard's come in one handed-over batch), and with
+/// records that are in the post-write cache (which the batch asks the CPU for ahead).
+#[test]
+fn commands_a_hook_submits_in_one_turn_run_in_order() {
+    common::init_logs();
+    for run_after in [None, Some(0), Some(37), Some(1000)] {
+        let disks = disks(1, 64 << 20);
+        let mut c = cfg(2);
+        c.post_write_cache_bytes = 4 << 20;
+        let keys: Vec<u64> = (0..24).collect();
+        // Per key: two puts, the second only if the first went first (generation 1), a
+        // read, a delete, a read that finds nothing, and a put that creates it again.
+        let mut script = Vec::new();
+        for round in 0..6 {
+            for &k in &keys {
+                let d = common::digest_of(k).0;
+                script.push(match round {
+                    0 => put_v(k, 1),
+                    1 => put_v(k, 2).with_generation(GenPolicy::Eq(1)),
+                    2 | 4 => Command::get(d),
+                    3 => Command::delete(d),
+                    _ => put_v(k, 3).with_exists(ExistsAction::CreateOnly),
+                });
+            }
+        }
+        let n = script.len();
+        let replies = Arc::new(std::sync::Mutex::new(vec![None; n]));
+        let hook = ScriptHook { script, run_after, replies: replies.clone() };
+        let devs = Arc::new(SimDevices::new(disks.to_vec(), 4096));
+        let engine = Engine::open_with_hooks(c, devs, vec![Box::new(hook)]).expect("engine opens");
+        wait_for("every reply", || replies.lock().unwrap().iter().all(Option::is_some));
+        let replies = replies.lock().unwrap().clone();
+        let owners: std::collections::HashSet<usize> =
+            keys.iter().map(|&k| engine.shard_of(&common::digest_of(k).0)).collect();
+        assert_eq!(owners.len(), 2, "the keys belong to both shards");
+        for (i, r) in replies.iter().enumerate() {
+            let r = r.as_ref().expect("answered");
+            let (round, k) = (i / keys.len(), keys[i % keys.len()]);
+            let what = format!("run_after {run_after:?}, key {k}, round {round}");
+            match round {
+                0 | 1 => assert!(r.is_ok() && r.generation == round as u16 + 1, "{what}: {r:?}"),
+                2 => assert_eq!(r.bin("v"), Some(&Value::Int(2)), "{what}: {r:?}"),
+                3 => assert!(r.is_ok(), "{what}: {r:?}"),
+                4 => assert_eq!(r.result, ResultCode::NotFound, "{what}: {r:?}"),
+                _ => assert!(r.is_ok() && r.generation == 1, "{what}: {r:?}"),
+            }
+        }
+        for &k in &keys {
+            let r = engine.execute(Command::get(common::digest_of(k).0));
+            assert_eq!(r.bin("v"), Some(&Value::Int(3)), "key {k} at the end");
+        }
+        engine.shutdown().expect("clean shutdown");
+    }
+}

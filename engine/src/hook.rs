@@ -8,8 +8,9 @@
 //! the submission queue), and its completion wakes a sleeping shard and is handed to the next
 //! turn ([`HookCtx::take_sock_completions`]).
 //!
-//! Commands a hook submits through [`HookCtx::submit`] run at once when the shard owns the
-//! digest's partition; the others are collected per destination shard and handed over in
+//! Commands a hook submits through [`HookCtx::submit`] run in the same turn when the shard
+//! owns the digest's partition (together, at [`HookCtx::run_submitted`] or the turn's end);
+//! the others are collected per destination shard and handed over in
 //! one message per destination per turn, without ever blocking (a full destination channel
 //! keeps the batch for the next turn). Callbacks run on the shard that executes the command;
 //! a hook gets its answers back through a channel of its own and the [`Doorbell`] it is
@@ -59,9 +60,19 @@ impl HookCtx<'_> {
     }
 
     /// Run a command on the shard that owns its digest; `cb` gets the reply on that shard's
-    /// thread (at once, possibly before `submit` returns, when it is this shard).
+    /// thread. A command this shard owns runs at [`HookCtx::run_submitted`] or the end of
+    /// the turn, in the order submitted; its callback may run then, or later when the
+    /// record has to be read from the device.
     pub fn submit(&mut self, cmd: Command, cb: impl FnOnce(Reply) + Send + 'static) {
         self.shard.submit_from_hook(cmd, Box::new(cb));
+    }
+
+    /// Run the commands submitted so far that this shard owns. [`HookCtx::submit`] queues
+    /// them (looking their memory up together is cheaper than one at a time); a hook calls
+    /// this once it has submitted what it has, before it looks for their answers. Whatever
+    /// is left runs when the turn ends.
+    pub fn run_submitted(&mut self) {
+        self.shard.run_local();
     }
 
     /// Up to `max` live records of partition `pid` after `after` (only of `set` when

@@ -263,6 +263,9 @@ pub(crate) struct Shard {
     hook: Option<Box<dyn crate::hook::ShardHook>>,
     /// Commands from the hook for other shards, per destination, not yet handed over.
     forward: Vec<Vec<Msg>>,
+    /// Commands from the hook for this shard, run together by [`Shard::run_local`] so that
+    /// the memory they need is fetched for all of them at once.
+    local: Vec<(Command, Callback)>,
     /// The latest truncate cutoff this shard applied: every later write gets a last-update
     /// time at least this, so no write made after a truncate falls under it (even if the
     /// wall clock steps back).
@@ -363,6 +366,7 @@ impl Shard {
             binsets: crate::binsets::BinSets::default(),
             lut_floor,
             forward: (0..peers.len()).map(|_| Vec::new()).collect(),
+            local: Vec::new(),
             peers,
             hook,
             shared,
@@ -441,6 +445,7 @@ impl Shard {
             if let Some(mut h) = self.hook.take() {
                 did += h.turn(&mut crate::hook::HookCtx { shard: &mut self }) as usize;
                 self.hook = Some(h);
+                self.run_local();
                 self.hand_over_forwards();
             }
             self.commit_flushes();
@@ -538,6 +543,12 @@ impl Shard {
         match m {
             Msg::Cmd(cmd, cb) => self.submit_cmd(cmd, cb),
             Msg::Many(msgs) => {
+                if msgs.len() > 1 {
+                    self.prefetch_cmds(msgs.iter().filter_map(|m| match m {
+                        Msg::Cmd(cmd, _) => Some(cmd),
+                        _ => None,
+                    }));
+                }
                 for m in msgs {
                     self.handle(m);
                 }
@@ -873,9 +884,31 @@ impl Shard {
         }
         let owner = self.owner_of(&cmd.digest);
         if owner == self.id {
-            self.submit_cmd(cmd, cb);
+            self.local.push((cmd, cb));
         } else {
             self.forward[owner].push(Msg::Cmd(cmd, cb));
+        }
+    }
+
+    /// Run the hook's commands for this shard, in the order submitted, after asking the
+    /// CPU for the memory they will touch ([`Shard::prefetch_cmds`]).
+    pub(crate) fn run_local(&mut self) {
+        if self.local.is_empty() {
+            return;
+        }
+        let mut local = std::mem::take(&mut self.local);
+        if local.len() > 1 {
+            self.prefetch_cmds(local.iter().map(|(cmd, _)| cmd));
+        }
+        for (cmd, cb) in local.drain(..) {
+            if self.stopping.is_some() {
+                cb(Reply::error(ResultCode::ServerError));
+            } else {
+                self.submit_cmd(cmd, cb);
+            }
+        }
+        if self.local.is_empty() {
+            self.local = local;
         }
     }
 

@@ -1165,6 +1165,8 @@ impl ShardHook for ShardNet {
             }
         }
         self.done = done;
+        // The requests just taken run now, so that their answers are sent in this turn.
+        ctx.run_submitted();
         while let Ok(r) = self.replies_rx.try_recv() {
             did = true;
             let Some(c) = self.conn(r.slot).filter(|c| c.id == r.id) else {
