@@ -25,7 +25,7 @@ mod defrag;
 mod read;
 mod write;
 
-use read::current_of;
+use read::{current_of, PREFETCH_WINDOW};
 
 use crate::api::{Command, ExistsAction, Op, Reply, ScanPage, ScanRecord};
 use crate::error::{DeviceError, FormatError};
@@ -543,14 +543,16 @@ impl Shard {
         match m {
             Msg::Cmd(cmd, cb) => self.submit_cmd(cmd, cb),
             Msg::Many(msgs) => {
-                if msgs.len() > 1 {
-                    self.prefetch_cmds(msgs.iter().filter_map(|m| match m {
+                let mut it = msgs.into_iter();
+                while !it.as_slice().is_empty() {
+                    let w = it.as_slice().len().min(PREFETCH_WINDOW);
+                    self.prefetch_cmds(it.as_slice()[..w].iter().filter_map(|m| match m {
                         Msg::Cmd(cmd, _) => Some(cmd),
                         _ => None,
                     }));
-                }
-                for m in msgs {
-                    self.handle(m);
+                    for m in it.by_ref().take(w) {
+                        self.handle(m);
+                    }
                 }
             }
             Msg::Scan(req, cb) => self.start_scan(req, cb),
@@ -897,16 +899,19 @@ impl Shard {
             return;
         }
         let mut local = std::mem::take(&mut self.local);
-        if local.len() > 1 {
-            self.prefetch_cmds(local.iter().map(|(cmd, _)| cmd));
-        }
-        for (cmd, cb) in local.drain(..) {
-            if self.stopping.is_some() {
-                cb(Reply::error(ResultCode::ServerError));
-            } else {
-                self.submit_cmd(cmd, cb);
+        let mut it = local.drain(..);
+        while !it.as_slice().is_empty() {
+            let w = it.as_slice().len().min(PREFETCH_WINDOW);
+            self.prefetch_cmds(it.as_slice()[..w].iter().map(|(cmd, _)| cmd));
+            for (cmd, cb) in it.by_ref().take(w) {
+                if self.stopping.is_some() {
+                    cb(Reply::error(ResultCode::ServerError));
+                } else {
+                    self.submit_cmd(cmd, cb);
+                }
             }
         }
+        drop(it);
         if self.local.is_empty() {
             self.local = local;
         }
