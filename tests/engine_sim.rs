@@ -998,10 +998,14 @@ fn a_shard_failing_at_start_up_fails_the_open_without_hanging() {
 /// A front-end stand-in: in its first turn it submits every command of `script`, calling
 /// [`HookCtx::run_submitted`] after the first `run_after` of them (never when `None`: the
 /// rest then runs when the turn ends), and files each reply under its command's number.
+/// Right after that call it notes how many of the commands submitted so far for its own
+/// shard had their answer (records in memory answer at once).
 struct ScriptHook {
     script: Vec<Command>,
     run_after: Option<usize>,
     replies: Arc<std::sync::Mutex<Vec<Option<ferrospike_engine::Reply>>>>,
+    /// (own commands submitted, of them answered) right after `run_submitted`.
+    at_run: Arc<std::sync::Mutex<Option<(usize, usize)>>>,
 }
 
 impl ferrospike_engine::hook::ShardHook for ScriptHook {
@@ -1010,9 +1014,16 @@ impl ferrospike_engine::hook::ShardHook for ScriptHook {
     fn turn(&mut self, ctx: &mut ferrospike_engine::hook::HookCtx<'_>) -> bool {
         let script = std::mem::take(&mut self.script);
         let did = !script.is_empty();
+        let mut own: Vec<usize> = Vec::new();
         for (i, cmd) in script.into_iter().enumerate() {
             if self.run_after == Some(i) {
                 ctx.run_submitted();
+                let replies = self.replies.lock().unwrap();
+                let answered = own.iter().filter(|&&j| replies[j].is_some()).count();
+                *self.at_run.lock().unwrap() = Some((own.len(), answered));
+            }
+            if ctx.shard_of(&cmd.digest) == ctx.shard_id() {
+                own.push(i);
             }
             let replies = self.replies.clone();
             ctx.submit(cmd, move |r| replies.lock().unwrap()[i] = Some(r));
@@ -1022,13 +1033,15 @@ impl ferrospike_engine::hook::ShardHook for ScriptHook {
 }
 
 /// Commands a shard's hook submits in one turn run in the order submitted, each exactly
-/// once, whether the hook runs them itself part way or leaves them to the end of the turn,
-/// for records of either shard (the other shard's come in one handed-over batch), and with
-/// records that are in the post-write cache (which the batch asks the CPU for ahead).
+/// once, whether the hook runs them itself part way (and then has the answers of its own
+/// shard's at once) or leaves them to the end of the turn, for records of either shard
+/// (the other shard's come in one handed-over batch), in batches of more than the 64 the
+/// shard prefetches for at a time, and with records that are in memory (which is what the
+/// batch asks the CPU for ahead).
 #[test]
 fn commands_a_hook_submits_in_one_turn_run_in_order() {
     common::init_logs();
-    for run_after in [None, Some(0), Some(37), Some(1000)] {
+    for run_after in [None, Some(1), Some(37), Some(100)] {
         let disks = disks(1, 64 << 20);
         let mut c = cfg(2);
         c.post_write_cache_bytes = 4 << 20;
@@ -1050,7 +1063,8 @@ fn commands_a_hook_submits_in_one_turn_run_in_order() {
         }
         let n = script.len();
         let replies = Arc::new(std::sync::Mutex::new(vec![None; n]));
-        let hook = ScriptHook { script, run_after, replies: replies.clone() };
+        let at_run = Arc::new(std::sync::Mutex::new(None));
+        let hook = ScriptHook { script, run_after, replies: replies.clone(), at_run: at_run.clone() };
         let devs = Arc::new(SimDevices::new(disks.to_vec(), 4096));
         let engine = Engine::open_with_hooks(c, devs, vec![Box::new(hook)]).expect("engine opens");
         wait_for("every reply", || replies.lock().unwrap().iter().all(Option::is_some));
@@ -1070,10 +1084,68 @@ fn commands_a_hook_submits_in_one_turn_run_in_order() {
                 _ => assert!(r.is_ok() && r.generation == 1, "{what}: {r:?}"),
             }
         }
+        if run_after.is_some() {
+            let (own, answered) = at_run.lock().unwrap().expect("run_submitted was called");
+            assert!(own > 0, "run_after {run_after:?}: some of shard 0's commands came first");
+            assert_eq!(answered, own, "run_after {run_after:?}: answered right after run_submitted");
+        }
         for &k in &keys {
             let r = engine.execute(Command::get(common::digest_of(k).0));
             assert_eq!(r.bin("v"), Some(&Value::Int(3)), "key {k} at the end");
         }
         engine.shutdown().expect("clean shutdown");
     }
+}
+
+/// A hook that submits writes and then, in the same turn, scans their partition gets a
+/// page that holds them, even when they introduce the set the scan asks for: the scan
+/// starts only after the commands queued before it.
+#[test]
+fn a_scan_from_a_hook_sees_the_writes_submitted_before_it() {
+    struct PutThenScan {
+        pages: Arc<std::sync::Mutex<Vec<(u16, ferrospike_engine::ScanPage)>>>,
+        done: bool,
+    }
+    impl ferrospike_engine::hook::ShardHook for PutThenScan {
+        fn start(&mut self, _doorbell: Arc<ferrospike_engine::io::Doorbell>) {}
+
+        fn turn(&mut self, ctx: &mut ferrospike_engine::hook::HookCtx<'_>) -> bool {
+            if std::mem::replace(&mut self.done, true) {
+                return false;
+            }
+            // Keys of this shard's own partitions (the others' are scanned there).
+            let mut pids = Vec::new();
+            for k in (0..).take(2000) {
+                let d = common::digest_of(k).0;
+                if ctx.shard_of(&d) != ctx.shard_id() {
+                    continue;
+                }
+                ctx.submit(Command::put(d, "brand_new", vec![Bin::new("v", Value::Int(k as i64))]), |_| {});
+                pids.push(d.partition());
+                if pids.len() == 8 {
+                    break;
+                }
+            }
+            for pid in pids {
+                let pages = self.pages.clone();
+                ctx.scan(pid, Some("brand_new"), None, 100, true, move |p| pages.lock().unwrap().push((pid, p)));
+            }
+            true
+        }
+    }
+    common::init_logs();
+    let disks = disks(1, 64 << 20);
+    let mut c = cfg(2);
+    c.post_write_cache_bytes = 4 << 20;
+    let pages = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let hook = PutThenScan { pages: pages.clone(), done: false };
+    let devs = Arc::new(SimDevices::new(disks.to_vec(), 4096));
+    let engine = Engine::open_with_hooks(c, devs, vec![Box::new(hook)]).expect("engine opens");
+    wait_for("every page", || pages.lock().unwrap().len() == 8);
+    for (pid, page) in pages.lock().unwrap().iter() {
+        assert_eq!(page.result, ResultCode::Ok, "partition {pid}");
+        assert!(!page.records.is_empty(), "partition {pid}: the put before the scan is in its page");
+        assert!(page.records.iter().all(|r| r.set == "brand_new"), "partition {pid}: {:?}", page.records);
+    }
+    engine.shutdown().expect("clean shutdown");
 }

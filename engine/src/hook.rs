@@ -53,8 +53,8 @@ impl HookCtx<'_> {
         self.shard.id()
     }
 
-    /// The shard that owns a digest's partition (commands for it submitted here run at once
-    /// when that is this shard).
+    /// The shard that owns a digest's partition (commands for it submitted here run in this
+    /// turn when that is this shard; see [`HookCtx::run_submitted`]).
     pub fn shard_of(&self, d: &Digest) -> usize {
         self.shard.owner_of(d)
     }
@@ -87,6 +87,9 @@ impl HookCtx<'_> {
         with_bins: bool,
         cb: impl FnOnce(ScanPage) + Send + 'static,
     ) {
+        // A scan starts at once: what was submitted before it runs first, so that the page
+        // reflects it (and a set only a queued write introduces is known).
+        self.shard.run_local();
         let set = match set {
             None => None,
             Some(name) => match self.shard.set_id_of(name) {

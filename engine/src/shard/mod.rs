@@ -686,8 +686,7 @@ impl Shard {
             self.finish(cmd, cb, None);
             return;
         };
-        let need_body = ops::needs_bins(&cmd) || (cmd.is_write() && !cmd.delete && e.key_stored && cmd.key.is_none());
-        if !need_body {
+        if !needs_body(&cmd, &e) {
             self.finish(cmd, cb, Some(meta_only(&e)));
             return;
         }
@@ -727,8 +726,21 @@ impl Shard {
     /// A damaged old copy, which a read would have answered with SERVER_ERROR, is then not
     /// looked at: the write replaces it, or fails, as it would over a sound one.
     fn current_without_read(&self, cmd: &Command, e: &IndexEntry) -> Option<Current> {
+        match self.read_skipped(cmd, e)? {
+            None => Some(meta_only(e)),
+            Some(names) => {
+                let bins = names.iter().map(|n| Bin { name: n.clone(), value: Value::Nil }).collect();
+                Some(Current { bins, ..meta_only(e) })
+            }
+        }
+    }
+
+    /// The decision of [`Shard::current_without_read`], without building anything: `None`
+    /// when the record must be read; `Some(None)` when its metadata answer; `Some(names)`
+    /// when the merge keeps these bin names.
+    fn read_skipped(&self, cmd: &Command, e: &IndexEntry) -> Option<Option<&[String]>> {
         if !(e.key_stored && cmd.key.is_some()) && ops::fails_on_meta(cmd, e.generation) {
-            return Some(meta_only(e));
+            return Some(None);
         }
         let merge = matches!(cmd.exists, ExistsAction::Update | ExistsAction::UpdateOnly);
         if !merge || cmd.delete || cmd.read_all || e.key_stored || cmd.ops.is_empty() {
@@ -741,8 +753,13 @@ impl Shard {
         if !names.iter().all(|n| cmd.ops.iter().any(|o| o.bin_name() == n)) {
             return None;
         }
-        let bins = names.iter().map(|n| Bin { name: n.clone(), value: Value::Nil }).collect();
-        Some(Current { bins, ..meta_only(e) })
+        Some(Some(names))
+    }
+
+    /// Whether [`Shard::start_cmd`] will need the record's bytes for `cmd`, its index entry
+    /// being `e`.
+    pub(super) fn reads_body(&self, cmd: &Command, e: &IndexEntry) -> bool {
+        self.visible(e) && needs_body(cmd, e) && self.read_skipped(cmd, e).is_none()
     }
 
     /// Apply the command and carry out its outcome; then let queued writes of the digest go.
@@ -878,7 +895,8 @@ impl Shard {
         self.id
     }
 
-    /// A command from this shard's hook: run here, or queue it for its owner.
+    /// A command from this shard's hook: queue it here (`local`, run by [`Shard::run_local`]),
+    /// or for its owner.
     pub(crate) fn submit_from_hook(&mut self, cmd: Command, cb: Callback) {
         if self.stopping.is_some() {
             cb(Reply::error(ResultCode::ServerError));
@@ -904,6 +922,8 @@ impl Shard {
             let w = it.as_slice().len().min(PREFETCH_WINDOW);
             self.prefetch_cmds(it.as_slice()[..w].iter().map(|(cmd, _)| cmd));
             for (cmd, cb) in it.by_ref().take(w) {
+                // A stop begins only between turns, when this queue is empty; should that
+                // ever change, what was queued is answered, not run after the flush.
                 if self.stopping.is_some() {
                     cb(Reply::error(ResultCode::ServerError));
                 } else {
@@ -1006,6 +1026,13 @@ impl From<DeviceError> for ResultCode {
     fn from(_: DeviceError) -> ResultCode {
         ResultCode::ServerError
     }
+}
+
+/// Whether `cmd` needs the current version's bins or stored key, before the shortcuts of
+/// [`Shard::current_without_read`]: to read them, merge them, or compare a stored key
+/// (which the command does not send) when it writes.
+fn needs_body(cmd: &Command, e: &IndexEntry) -> bool {
+    ops::needs_bins(cmd) || (cmd.is_write() && !cmd.delete && e.key_stored && cmd.key.is_none())
 }
 
 /// The current version as far as the index knows it: generation and expiry, no key, no bins.

@@ -7,7 +7,8 @@ use super::*;
 const PREFETCH_RECORD_BYTES: usize = 4096;
 
 /// How many commands [`Shard::prefetch_cmds`] is given at a time: what it fetches for them
-/// (up to about 4 KiB each) stays well inside a core's L2 cache until they run.
+/// (at most 256 KiB, usually much less) fits in a server core's L2 cache (2 MiB here)
+/// until they run.
 pub(super) const PREFETCH_WINDOW: usize = 64;
 
 impl Shard {
@@ -22,12 +23,13 @@ impl Shard {
     }
 
     /// Ask the CPU for the memory a batch of commands (at most [`PREFETCH_WINDOW`]) will
-    /// touch, ahead of running them: first the heads of their partition tables, then (with
-    /// those at hand) their index entries, and for the commands that will read the record,
-    /// the record's bytes when they are in memory. Each pass issues its loads back to back, so the misses of
-    /// different commands overlap where one command at a time would wait for each in turn;
-    /// the lookups when the commands then run find everything in the caches. A hint only:
-    /// nothing changes.
+    /// touch, ahead of running them. A first pass asks for the heads of their partition
+    /// tables; a second looks each command up in the index (the head now at hand) and, when
+    /// the command will read the record ([`Shard::reads_body`]) and its bytes are in memory
+    /// (an open wblock or the post-write cache), asks for up to [`PREFETCH_RECORD_BYTES`] of
+    /// them. The loads of different commands overlap, where one command at a time would
+    /// wait for each in turn; when the commands then run, their lookups and copies find the
+    /// bytes in the caches. A hint only: nothing changes.
     pub(super) fn prefetch_cmds<'a>(&self, cmds: impl Iterator<Item = &'a Command> + Clone) {
         if cmds.clone().nth(1).is_none() {
             // One command: nothing to overlap its loads with.
@@ -39,7 +41,7 @@ impl Shard {
         let wb = self.wb();
         for cmd in cmds {
             let Some(e) = self.index.get(&cmd.digest) else { continue };
-            if e.tombstone || !ops::needs_bins(cmd) {
+            if !self.reads_body(cmd, &e) {
                 continue;
             }
             if let Some(mw) = self.mem.get(&(e.loc.dev, (e.loc.offset / wb) as u32)) {

@@ -11,8 +11,9 @@
 //! evenly whichever shard's accept the kernel completes.
 //!
 //! Each turn decodes every complete frame received and submits single-record commands
-//! through the shard: commands for the shard's own partitions run at once on this thread,
-//! the others are handed to their shard in one batch per destination per turn. Replies come
+//! through the shard: commands for the shard's own partitions are queued and run together
+//! on this thread once the turn's receives are decoded ([`HookCtx::run_submitted`]), the
+//! others are handed to their shard in one batch per destination per turn. Replies come
 //! back over a channel (with the doorbell rung when they come from another shard) and are
 //! sent in request order; at most `max-inflight` commands per connection execute at once.
 //!
