@@ -405,6 +405,55 @@ fn reads_of_records_whose_write_failed_answer_server_error_until_restart() {
     }
 }
 
+/// A scan page whose device reads are still in flight when a failed write latches the
+/// shard answers SERVER_ERROR when the write's record is in its partition, like a page
+/// started after the latch: what the page took from the index and from memory before the
+/// latch may be a version the device never got (here it happens to be the old one, which
+/// the device holds; the page cannot tell).
+#[test]
+fn a_scan_page_reading_when_the_shard_latches_answers_server_error() {
+    common::init_logs();
+    // Two keys of one partition.
+    let mut first: HashMap<u16, u64> = HashMap::new();
+    let (a, b) = (0u64..)
+        .find_map(|k| {
+            let p = common::digest_of(k).0.partition();
+            first.get(&p).map(|&a| (a, k)).or_else(|| {
+                first.insert(p, k);
+                None
+            })
+        })
+        .expect("a pair");
+    let pid = common::digest_of(a).0.partition();
+    let disks = disks(1, 8 << 20);
+    let mut c = cfg(1);
+    c.commit_to_device = true;
+    let engine = open(&disks, c);
+    assert!(engine.execute(put_v(a, 1)).is_ok());
+    assert!(engine.execute(put_v(b, 1)).is_ok());
+    // Fill the open wblock so that theirs is sealed and both are read from the device.
+    for k in 1_000_000..1_000_100 {
+        let filler = Command::put(common::digest_of(k).0, "demo", vec![Bin::new("b", Value::Blob(vec![7; 2000]))]);
+        assert!(engine.execute(filler).is_ok());
+    }
+    let page = engine.scan_partition(pid, None, None, 100, true);
+    assert_eq!(page.result, ResultCode::Ok);
+    assert_eq!(page.records.len(), 2, "both keys, before any fault");
+    let reads = engine.stats().device_reads;
+    assert!(reads >= 2, "the page was read from the device ({reads} reads)");
+
+    disks[0].set_faults(SimFaults { crash_after_writes: Some(0), read_delay_ms: 1000, ..Default::default() });
+    std::thread::scope(|s| {
+        let scan = s.spawn(|| engine.scan_partition(pid, None, None, 100, true));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!scan.is_finished(), "the page waits for its reads");
+        assert_eq!(engine.execute(put_v(b, 2)).result, ResultCode::ServerError, "the write fails");
+        let page = scan.join().expect("scan thread");
+        assert_eq!(page.result, ResultCode::ServerError, "the page after the latch: {:?}", page.records);
+    });
+    engine.crash();
+}
+
 /// Without commit-to-device a write completes before it is durable; when the fsync meant
 /// to make it so fails, the shard latches read-only and reads of the records that write
 /// carried answer SERVER_ERROR until a restart, which brings back what the device holds.

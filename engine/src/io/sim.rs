@@ -11,7 +11,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::buf::{AlignedBuf, BUF_ALIGN};
 use super::device::assert_request;
@@ -51,6 +51,9 @@ pub struct SimFaults {
     /// Every fsync fails with EIO (writes keep working): a device that could not make what
     /// it acknowledged durable.
     pub fail_fsyncs: bool,
+    /// Every read completes this many milliseconds after it is submitted (its data is
+    /// taken then): a slow device, for tests of what happens while reads are in flight.
+    pub read_delay_ms: u64,
 }
 
 /// A simulated disk. Clones are handles to the same disk.
@@ -147,6 +150,10 @@ impl SimDisk {
     /// Writes submitted since faults were last set or cleared (failed ones included).
     pub fn writes_seen(&self) -> u64 {
         self.state().writes_seen
+    }
+
+    fn read_delay(&self) -> Duration {
+        Duration::from_millis(self.state().faults.read_delay_ms)
     }
 
     /// True once a `crash_after_writes` fault has fired.
@@ -346,6 +353,7 @@ impl DeviceSet for SimDevices {
             infos: self.infos.clone(),
             doorbell: wake,
             pending: VecDeque::new(),
+            delayed: VecDeque::new(),
             ready: VecDeque::new(),
             rung: false,
             sock_ready: Vec::new(),
@@ -359,6 +367,8 @@ pub struct SimBackend {
     infos: Vec<DeviceInfo>,
     doorbell: Option<Wake>,
     pending: VecDeque<IoRequest>,
+    /// Reads held back by [`SimFaults::read_delay_ms`], with the time each is due.
+    delayed: VecDeque<(Instant, IoRequest)>,
     ready: VecDeque<IoCompletion>,
     rung: bool,
     /// Socket operations, all refused (see [`IoBackend::sockets`]).
@@ -404,7 +414,20 @@ impl IoBackend for SimBackend {
     }
 
     fn submit_and_wait(&mut self, wait: bool, timeout: Option<Duration>) -> Result<(), DeviceError> {
+        let now = Instant::now();
         while let Some(req) = self.pending.pop_front() {
+            if matches!(req.op, IoOp::Read { .. }) {
+                let delay = self.disks[req.dev as usize].read_delay();
+                if !delay.is_zero() {
+                    self.delayed.push_back((now + delay, req));
+                    continue;
+                }
+            }
+            let c = self.execute(req);
+            self.ready.push_back(c);
+        }
+        while self.delayed.front().is_some_and(|(due, _)| *due <= now) {
+            let (_, req) = self.delayed.pop_front().expect("not empty");
             let c = self.execute(req);
             self.ready.push_back(c);
         }
@@ -412,6 +435,13 @@ impl IoBackend for SimBackend {
             return Ok(());
         }
         let block = wait && self.ready.is_empty();
+        // A delayed read is due by then: wake for it.
+        let timeout = match self.delayed.front() {
+            Some((due, _)) => {
+                Some(timeout.map_or(due.saturating_duration_since(now), |t| t.min(due.saturating_duration_since(now))))
+            }
+            None => timeout,
+        };
         let wait_for = if block { timeout } else { Some(Duration::ZERO) };
         // Without a doorbell and without a timeout nothing could ever end the wait.
         if self.doorbell.is_some() || (block && timeout.is_some()) {
@@ -426,7 +456,7 @@ impl IoBackend for SimBackend {
     }
 
     fn in_flight(&self) -> usize {
-        self.pending.len() + self.ready.len()
+        self.pending.len() + self.delayed.len() + self.ready.len()
     }
 
     fn alloc(&mut self, len: usize) -> AlignedBuf {

@@ -183,6 +183,7 @@ struct PendingRead {
 }
 
 struct ScanJob {
+    pid: u16,
     records: Vec<Option<ScanRecord>>,
     remaining: usize,
     done: bool,

@@ -154,7 +154,7 @@ impl Shard {
 
     pub(super) fn start_scan(&mut self, req: ScanReq, cb: ScanCallback) {
         let ScanReq { pid, set, after, max, with_bins } = req;
-        if self.read_only && (self.lost_all || self.lost_partitions.contains(&pid)) {
+        if self.partition_lost(pid) {
             // A record of this partition may be listed with a version the device does not
             // hold, or missing though the device holds it (see `Shard::lost`).
             cb(ScanPage { result: ResultCode::ServerError, records: Vec::new(), done: true });
@@ -171,7 +171,7 @@ impl Shard {
         entries.truncate(max);
         let id = self.next_scan;
         self.next_scan = self.next_scan.wrapping_add(1);
-        let mut job = ScanJob { records: vec![None; entries.len()], remaining: 0, done, cb: Some(cb) };
+        let mut job = ScanJob { pid, records: vec![None; entries.len()], remaining: 0, done, cb: Some(cb) };
         let mut to_read = Vec::new();
         for (i, e) in entries.iter().enumerate() {
             match self.body_from_memory(e) {
@@ -188,6 +188,12 @@ impl Shard {
         self.scan_progress(id, false);
     }
 
+    /// Whether the shard is latched and a record of partition `pid` may have a latest write
+    /// that is not on the device (see `Shard::lost`).
+    fn partition_lost(&self, pid: u16) -> bool {
+        self.read_only && (self.lost_all || self.lost_partitions.contains(&pid))
+    }
+
     /// Account for one finished read of scan `id` (or none), and answer once all are in.
     pub(super) fn scan_progress(&mut self, id: u32, read_finished: bool) {
         let Some(j) = self.scans.get_mut(&id) else { return };
@@ -198,7 +204,13 @@ impl Shard {
             return;
         }
         let mut j = self.scans.remove(&id).expect("present");
-        let page = ScanPage { result: ResultCode::Ok, records: j.records.drain(..).flatten().collect(), done: j.done };
+        let page = if self.partition_lost(j.pid) {
+            // The shard latched while the page's reads were in flight: what the index said
+            // when the page started may be what the device does not hold.
+            ScanPage { result: ResultCode::ServerError, records: Vec::new(), done: true }
+        } else {
+            ScanPage { result: ResultCode::Ok, records: j.records.drain(..).flatten().collect(), done: j.done }
+        };
         if let Some(cb) = j.cb.take() {
             cb(page);
         }
