@@ -737,7 +737,7 @@ impl Shard {
     }
 
     /// The decision of [`Shard::current_without_read`], without building anything: `None`
-    /// when the record must be read; `Some(None)` when its metadata answer; `Some(names)`
+    /// when the record must be read; `Some(None)` when its metadata answers; `Some(names)`
     /// when the merge keeps these bin names.
     fn read_skipped(&self, cmd: &Command, e: &IndexEntry) -> Option<Option<&[String]>> {
         if !(e.key_stored && cmd.key.is_some()) && ops::fails_on_meta(cmd, e.generation) {
