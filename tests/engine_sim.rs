@@ -6,6 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use ferrospike_engine::hook::ShardHook;
 use ferrospike_engine::io::{SimDevices, SimDisk, SimFaults};
 use ferrospike_engine::ops::{apply, Current, Outcome};
 use ferrospike_engine::types::now_cl_secs;
@@ -25,8 +26,23 @@ fn cfg(shards: usize) -> EngineConfig {
 }
 
 fn open(disks: &[SimDisk], c: EngineConfig) -> Engine {
+    open_with_hook(disks, c, None)
+}
+
+/// [`open`], with `hook` running in shard 0's loop.
+fn open_with_hook(disks: &[SimDisk], c: EngineConfig, hook: Option<Box<dyn ShardHook>>) -> Engine {
     let devs = Arc::new(SimDevices::new(disks.to_vec(), 4096));
-    Engine::open(c, devs).expect("engine opens")
+    Engine::open_with_hooks(c, devs, hook.into_iter().collect()).expect("engine opens")
+}
+
+/// Write 100 records of 2000 bytes (keys `first..first + 100`), enough to fill a 128 KiB
+/// open wblock: the records written before are then sealed away, written and (without a
+/// post-write cache) read from the device.
+fn fill_open_wblock(engine: &Engine, first: u64) {
+    for k in first..first + 100 {
+        let filler = Command::put(common::digest_of(k).0, "demo", vec![Bin::new("b", Value::Blob(vec![7; 2000]))]);
+        assert_eq!(engine.execute(filler).result, ResultCode::Ok);
+    }
 }
 
 fn disks(n: usize, size: u64) -> Vec<SimDisk> {
@@ -320,10 +336,7 @@ fn writes_that_fail_on_existence_or_generation_do_not_read_the_record() {
     assert_eq!(engine.execute(put_v(1, 10)).result, ResultCode::Ok);
     assert_eq!(engine.execute(put_v(2, 20).with_key(b"two".to_vec())).result, ResultCode::Ok);
     // Fill the open wblock so that the two records' one is sealed, written and dropped.
-    for k in 1000..1100 {
-        let filler = Command::put(common::digest_of(k).0, "demo", vec![Bin::new("b", Value::Blob(vec![7; 2000]))]);
-        assert_eq!(engine.execute(filler).result, ResultCode::Ok);
-    }
+    fill_open_wblock(&engine, 1000);
     wait_for("key 1 is read from the device", || {
         let b = reads(&engine);
         get_v(&engine, 1) == Ok(Some(10)) && reads(&engine) > b
@@ -432,10 +445,7 @@ fn a_scan_page_reading_when_the_shard_latches_answers_server_error() {
     assert!(engine.execute(put_v(a, 1)).is_ok());
     assert!(engine.execute(put_v(b, 1)).is_ok());
     // Fill the open wblock so that theirs is sealed and both are read from the device.
-    for k in 1_000_000..1_000_100 {
-        let filler = Command::put(common::digest_of(k).0, "demo", vec![Bin::new("b", Value::Blob(vec![7; 2000]))]);
-        assert!(engine.execute(filler).is_ok());
-    }
+    fill_open_wblock(&engine, 1_000_000);
     let page = engine.scan_partition(pid, None, None, 100, true);
     assert_eq!(page.result, ResultCode::Ok);
     assert_eq!(page.records.len(), 2, "both keys, before any fault");
@@ -1057,7 +1067,7 @@ struct ScriptHook {
     at_run: Arc<std::sync::Mutex<Option<(usize, usize)>>>,
 }
 
-impl ferrospike_engine::hook::ShardHook for ScriptHook {
+impl ShardHook for ScriptHook {
     fn start(&mut self, _doorbell: Arc<ferrospike_engine::io::Doorbell>) {}
 
     fn turn(&mut self, ctx: &mut ferrospike_engine::hook::HookCtx<'_>) -> bool {
@@ -1114,8 +1124,7 @@ fn commands_a_hook_submits_in_one_turn_run_in_order() {
         let replies = Arc::new(std::sync::Mutex::new(vec![None; n]));
         let at_run = Arc::new(std::sync::Mutex::new(None));
         let hook = ScriptHook { script, run_after, replies: replies.clone(), at_run: at_run.clone() };
-        let devs = Arc::new(SimDevices::new(disks.to_vec(), 4096));
-        let engine = Engine::open_with_hooks(c, devs, vec![Box::new(hook)]).expect("engine opens");
+        let engine = open_with_hook(&disks, c, Some(Box::new(hook)));
         wait_for("every reply", || replies.lock().unwrap().iter().all(Option::is_some));
         let replies = replies.lock().unwrap().clone();
         let owners: std::collections::HashSet<usize> =
@@ -1155,7 +1164,7 @@ fn a_scan_from_a_hook_sees_the_writes_submitted_before_it() {
         pages: Arc<std::sync::Mutex<Vec<(u16, ferrospike_engine::ScanPage)>>>,
         done: bool,
     }
-    impl ferrospike_engine::hook::ShardHook for PutThenScan {
+    impl ShardHook for PutThenScan {
         fn start(&mut self, _doorbell: Arc<ferrospike_engine::io::Doorbell>) {}
 
         fn turn(&mut self, ctx: &mut ferrospike_engine::hook::HookCtx<'_>) -> bool {
@@ -1188,8 +1197,7 @@ fn a_scan_from_a_hook_sees_the_writes_submitted_before_it() {
     c.post_write_cache_bytes = 4 << 20;
     let pages = Arc::new(std::sync::Mutex::new(Vec::new()));
     let hook = PutThenScan { pages: pages.clone(), done: false };
-    let devs = Arc::new(SimDevices::new(disks.to_vec(), 4096));
-    let engine = Engine::open_with_hooks(c, devs, vec![Box::new(hook)]).expect("engine opens");
+    let engine = open_with_hook(&disks, c, Some(Box::new(hook)));
     wait_for("every page", || pages.lock().unwrap().len() == 8);
     for (pid, page) in pages.lock().unwrap().iter() {
         assert_eq!(page.result, ResultCode::Ok, "partition {pid}");

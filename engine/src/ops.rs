@@ -49,15 +49,20 @@ pub fn fails_on_meta(cmd: &Command, generation: u16) -> bool {
     if !cmd.is_write() {
         return false;
     }
-    let g = generation as u32;
-    let generation_fails = match cmd.generation {
-        GenPolicy::None => false,
-        GenPolicy::Eq(want) => want != g,
-        GenPolicy::Gt(above) => above <= g,
-    };
     // A delete fails only on its generation (`apply` answers it before the exists policy);
     // the shard never asks for one, as a delete reads no bins.
-    generation_fails || (!cmd.delete && matches!(cmd.exists, ExistsAction::CreateOnly))
+    !generation_holds(cmd.generation, generation as u32)
+        || (!cmd.delete && matches!(cmd.exists, ExistsAction::CreateOnly))
+}
+
+/// Whether a write with generation policy `policy` may apply to a record of generation
+/// `current` (0 for a missing record).
+fn generation_holds(policy: GenPolicy, current: u32) -> bool {
+    match policy {
+        GenPolicy::None => true,
+        GenPolicy::Eq(want) => want == current,
+        GenPolicy::Gt(above) => above > current,
+    }
 }
 
 /// Seconds since the Citrusleaf epoch plus `ttl`, saturating.
@@ -106,12 +111,8 @@ pub fn apply(cmd: &Command, cur: Option<&Current>, now: u32, default_ttl: u32) -
             }
         }
     }
-    let cur_gen = cur.map_or(0, |c| c.generation as u32);
-    match cmd.generation {
-        GenPolicy::None => {}
-        GenPolicy::Eq(g) if g == cur_gen => {}
-        GenPolicy::Gt(g) if g > cur_gen => {}
-        _ => return fail(ResultCode::Generation),
+    if !generation_holds(cmd.generation, cur.map_or(0, |c| c.generation as u32)) {
+        return fail(ResultCode::Generation);
     }
     if cmd.delete {
         return match cur {

@@ -636,13 +636,14 @@ fn encode_single(o: &Options, kind: Kind, rng: &mut Rng, next_linear: &mut u64, 
 fn encode_resp(req: &mut Vec<u8>, set: bool, key: u64, value_len: usize) {
     use std::io::Write as _;
     req.clear();
-    let key = format!("key:{key:012}");
+    // "key:" and at least 12 digits.
+    let key_len = 4 + key.checked_ilog10().map_or(1, |d| d as usize + 1).max(12);
     if set {
-        let _ = write!(req, "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${value_len}\r\n", key.len());
+        let _ = write!(req, "*3\r\n$3\r\nSET\r\n${key_len}\r\nkey:{key:012}\r\n${value_len}\r\n");
         req.resize(req.len() + value_len, b'x');
         req.extend_from_slice(b"\r\n");
     } else {
-        let _ = write!(req, "*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len());
+        let _ = write!(req, "*2\r\n$3\r\nGET\r\n${key_len}\r\nkey:{key:012}\r\n");
     }
 }
 

@@ -543,18 +543,14 @@ impl Shard {
     fn handle(&mut self, m: Msg) {
         match m {
             Msg::Cmd(cmd, cb) => self.submit_cmd(cmd, cb),
-            Msg::Many(msgs) => {
-                let mut it = msgs.into_iter();
-                while !it.as_slice().is_empty() {
-                    let w = it.as_slice().len().min(PREFETCH_WINDOW);
-                    self.prefetch_cmds(it.as_slice()[..w].iter().filter_map(|m| match m {
+            Msg::Many(mut msgs) => {
+                fn cmd_of(m: &Msg) -> Option<&Command> {
+                    match m {
                         Msg::Cmd(cmd, _) => Some(cmd),
                         _ => None,
-                    }));
-                    for m in it.by_ref().take(w) {
-                        self.handle(m);
                     }
                 }
+                self.run_prefetched(&mut msgs, cmd_of, Shard::handle);
             }
             Msg::Scan(req, cb) => self.start_scan(req, cb),
             Msg::Truncate { set_id, before_ms, done } => {
@@ -918,23 +914,39 @@ impl Shard {
             return;
         }
         let mut local = std::mem::take(&mut self.local);
-        let mut it = local.drain(..);
-        while !it.as_slice().is_empty() {
-            let w = it.as_slice().len().min(PREFETCH_WINDOW);
-            self.prefetch_cmds(it.as_slice()[..w].iter().map(|(cmd, _)| cmd));
-            for (cmd, cb) in it.by_ref().take(w) {
-                // A stop begins only between turns, when this queue is empty; should that
-                // ever change, what was queued is answered, not run after the flush.
-                if self.stopping.is_some() {
+        self.run_prefetched(
+            &mut local,
+            |(cmd, _)| Some(cmd),
+            |shard, (cmd, cb)| {
+                // A stop begins only between turns, when this queue is empty; should that ever
+                // change, what was queued is answered, not run after the flush.
+                if shard.stopping.is_some() {
                     cb(Reply::error(ResultCode::ServerError));
                 } else {
-                    self.submit_cmd(cmd, cb);
+                    shard.submit_cmd(cmd, cb);
                 }
-            }
-        }
-        drop(it);
+            },
+        );
         if self.local.is_empty() {
             self.local = local;
+        }
+    }
+
+    /// Run `items` in order with `run`, [`PREFETCH_WINDOW`] at a time, each window after
+    /// [`Shard::prefetch_cmds`] for the commands in it (`cmd_of`). Leaves `items` empty.
+    fn run_prefetched<T>(
+        &mut self,
+        items: &mut Vec<T>,
+        cmd_of: fn(&T) -> Option<&Command>,
+        mut run: impl FnMut(&mut Shard, T),
+    ) {
+        let mut it = items.drain(..);
+        while !it.as_slice().is_empty() {
+            let w = it.as_slice().len().min(PREFETCH_WINDOW);
+            self.prefetch_cmds(it.as_slice()[..w].iter().filter_map(cmd_of));
+            for item in it.by_ref().take(w) {
+                run(self, item);
+            }
         }
     }
 
