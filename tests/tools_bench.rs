@@ -42,8 +42,9 @@ fn insert_then_read_update() {
     drop(server);
 }
 
-/// `--async`: two event loops drive five connections through a linear insert, RU,50 and a
-/// linear delete; then every read misses, which the summary counts as KEY_NOT_FOUND errors.
+/// `--async`: two event loops drive five connections through a linear insert, RU,50 closed
+/// and open loop (`--throughput`) and a linear delete; then every read misses, which the
+/// summary counts as KEY_NOT_FOUND errors.
 #[test]
 fn event_loops_insert_read_update_delete() {
     let dir = Scratch::new("bench-async");
@@ -69,6 +70,14 @@ fn event_loops_insert_read_update_delete() {
     assert_eq!(r.code, 0, "{}", r.dump());
     assert!(r.stdout.contains("errors: none\n"), "{}", r.dump());
     assert!(count(&r.stdout, "read") > 0 && count(&r.stdout, "write") > 0, "{}", r.dump());
+
+    // Open loop: the offered rate, not as fast as the server answers (thousands a second
+    // here), spread over the five connections.
+    let r = run(&["-w", "RU,50", "-t", "2", "--throughput", "1500"]);
+    assert_eq!(r.code, 0, "{}", r.dump());
+    assert!(r.stdout.contains("throughput 1500 ops/s (open loop)"), "{}", r.dump());
+    let done = count(&r.stdout, "read") + count(&r.stdout, "write");
+    assert!((2700..=3300).contains(&done), "{done} requests in 2 s at 1500/s\n{}", r.dump());
 
     let r = run(&["-w", "DB"]);
     assert_eq!(r.code, 0, "{}", r.dump());

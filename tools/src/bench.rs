@@ -9,6 +9,8 @@
 //! request has a scheduled start (open loop) and its latency is counted from it, so a slow
 //! server shows up as latency instead of a quietly lower rate.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -42,11 +44,12 @@ OPTIONS:
     -z, --threads N         connections, one thread each (default 4)
     -a, --async             event loops drive the -z connections instead of a thread each
                             (one request in flight per connection; RU, I and DB, single-key
-                            requests only, closed loop)
+                            requests only)
     -W, --event-loops N     event-loop threads with --async (default 1; also --eventLoops)
     -t, --duration SECS     run time of RU (default 10)
         --throughput N      target ops/s across all connections: open loop, latency counted
-                            from each request's scheduled start
+                            from each request's scheduled start (starts spread evenly
+                            over the connections with -a); without it, closed loop
         --batch-size N      RU reads as batch reads of N keys (default 1: single reads)
         --durable-delete    DB deletes leave tombstones
         --send-key          send the user key with every request (default: digest only)
@@ -224,8 +227,8 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
         if !(1..=o.threads).contains(&n) {
             return Err(format!("-W must be 1..{} (the connections, -z)", o.threads));
         }
-        if o.batch_size > 1 || o.throughput.is_some() {
-            return Err("--async runs single-key requests in a closed loop: no --batch-size or --throughput".into());
+        if o.batch_size > 1 {
+            return Err("--async runs single-key requests: no --batch-size".into());
         }
     }
     if o.resp && (o.event_loops.is_none() || !matches!(o.workload, Workload::ReadUpdate { .. })) {
@@ -352,7 +355,7 @@ fn run(o: &Options) -> i32 {
             Some(n) => {
                 // Connections t, t + n, t + 2n, ...
                 let mine: Vec<usize> = (t..o.threads).step_by(n).collect();
-                event_loop(&mine, &o, &addr, &stats, &done);
+                event_loop(&mine, &o, &addr, &stats, start, &done);
             }
         }));
     }
@@ -701,23 +704,31 @@ struct LoopConn {
     conn: Option<AsyncConn>,
     next_linear: u64,
     hi: u64,
-    /// The request in flight: its kind and when it was sent.
+    /// The request in flight: its kind and when its latency is counted from (the send, or
+    /// with `--throughput` its scheduled start).
     in_flight: Option<(Kind, Instant)>,
     /// Finished (its slice done), or given up after a network error.
     done: bool,
+    /// With `--throughput`: when this connection's next request is due.
+    due: Option<Instant>,
 }
 
 /// Drive connections `mine` (indices among the `-z` connections) from one thread: each has
-/// one request in flight; a readable socket's response is recorded and the connection's
-/// next request sent at once.
-fn event_loop(mine: &[usize], o: &Options, addr: &str, stats: &Stats, done: &AtomicU64) {
+/// one request in flight. Closed loop: a readable socket's response is recorded and the
+/// connection's next request sent at once. Open loop (`--throughput`): connection `t` of the
+/// `-z` sends at `start + t·p/z + k·p` (`p` = z / throughput, so the starts are spread
+/// evenly), or at once when its previous request was answered late, and latency is counted
+/// from that schedule.
+fn event_loop(mine: &[usize], o: &Options, addr: &str, stats: &Stats, start: Instant, done: &AtomicU64) {
     let mut rng = Rng::new();
     let mut req = Vec::with_capacity(4096);
+    let period = o.throughput.map(|tp| Duration::from_secs_f64(o.threads as f64 / tp as f64));
     let mut conns: Vec<LoopConn> = mine
         .iter()
         .map(|&t| {
             let (lo, hi) = slice_of(o, t);
-            LoopConn { conn: None, next_linear: lo, hi, in_flight: None, done: false }
+            let due = period.map(|p| start + p.mul_f64(t as f64 / o.threads as f64));
+            LoopConn { conn: None, next_linear: lo, hi, in_flight: None, done: false, due }
         })
         .collect();
     let mut poller = match Poller::new() {
@@ -728,21 +739,31 @@ fn event_loop(mine: &[usize], o: &Options, addr: &str, stats: &Stats, done: &Ato
             return;
         }
     };
+    // Open loop: connections waiting for their next start, earliest first.
+    let mut waiting: BinaryHeap<Reverse<(Instant, usize)>> = BinaryHeap::new();
     let mut ready = Vec::new();
     // Start every connection, then serve whichever answers.
     ready.extend(0..conns.len());
     while !stats.stop.load(Relaxed) && conns.iter().any(|c| !c.done) {
+        let now = Instant::now();
+        while let Some(&Reverse((due, i))) = waiting.peek() {
+            if due > now {
+                break;
+            }
+            waiting.pop();
+            ready.push(i);
+        }
         for &i in &ready {
             let c = &mut conns[i];
             if c.done {
                 continue;
             }
-            if let Some(ac) = c.conn.as_mut() {
+            if let (Some(ac), Some(_)) = (c.conn.as_mut(), c.in_flight.as_ref()) {
                 match ac.try_response(o.resp) {
                     Ok(None) => continue,
                     Ok(Some(rc)) => {
-                        let (kind, sent) = c.in_flight.take().expect("a response answers a request");
-                        stats.record(kind, sent.elapsed().as_nanos() as u64);
+                        let (kind, since) = c.in_flight.take().expect("a response answers a request");
+                        stats.record(kind, since.elapsed().as_nanos() as u64);
                         if rc != 0 {
                             stats.errors[rc as usize].fetch_add(1, Relaxed);
                         }
@@ -758,6 +779,17 @@ fn event_loop(mine: &[usize], o: &Options, addr: &str, stats: &Stats, done: &Ato
             if stats.stop.load(Relaxed) {
                 break;
             }
+            let scheduled = match c.due {
+                Some(due) if due > Instant::now() => {
+                    waiting.push(Reverse((due, i)));
+                    continue;
+                }
+                Some(due) => {
+                    c.due = Some(due + period.expect("a due time comes with a period"));
+                    due
+                }
+                None => Instant::now(),
+            };
             let Some(kind) = next_kind(o, &mut rng, c.next_linear, c.hi) else {
                 c.done = true;
                 continue;
@@ -777,7 +809,7 @@ fn event_loop(mine: &[usize], o: &Options, addr: &str, stats: &Stats, done: &Ato
             encode_single(o, kind, &mut rng, &mut c.next_linear, &mut req);
             let ac = c.conn.as_mut().expect("connected above");
             match ac.send(&req) {
-                Ok(()) => c.in_flight = Some((kind, Instant::now())),
+                Ok(()) => c.in_flight = Some((kind, if c.due.is_some() { scheduled } else { Instant::now() })),
                 Err(e) => {
                     note_net(stats, &e);
                     poller.forget(ac);
@@ -786,7 +818,20 @@ fn event_loop(mine: &[usize], o: &Options, addr: &str, stats: &Stats, done: &Ato
             }
         }
         ready.clear();
-        if let Err(e) = poller.wait(&mut ready, Duration::from_millis(50)) {
+        // epoll's timeout is in whole milliseconds: closer than that to the next start, poll
+        // without waiting.
+        let timeout = match waiting.peek() {
+            None => Duration::from_millis(50),
+            Some(&Reverse((due, _))) => {
+                let left = due.saturating_duration_since(Instant::now());
+                if left < Duration::from_millis(2) {
+                    Duration::ZERO
+                } else {
+                    (left - Duration::from_millis(1)).min(Duration::from_millis(50))
+                }
+            }
+        };
+        if let Err(e) = poller.wait(&mut ready, timeout) {
             note_net(stats, &WireError::Io(e));
             break;
         }
@@ -925,7 +970,8 @@ mod tests {
         assert_eq!(parse_args(&args("-z 8 --async --eventLoops 4")).unwrap().event_loops, Some(4));
         assert_eq!(parse_args(&args("-z 8")).unwrap().event_loops, None);
         assert!(parse_args(&args("-z 2 -W 3")).is_err(), "more event loops than connections");
-        assert!(parse_args(&args("-a --throughput 100")).is_err());
+        assert!(parse_args(&args("-a --batch-size 2")).is_err());
+        assert_eq!(parse_args(&args("-a --throughput 100")).unwrap().throughput, Some(100));
     }
 
     #[test]
