@@ -884,11 +884,116 @@ fn defrag_comes_to_rest_once_nothing_qualifies() {
     std::thread::sleep(std::time::Duration::from_millis(100));
     assert_defrag_at_rest(&engine, "after the restart");
     // The wblocks the client and defrag streams had open are now used ones like any other,
-    // both sparse here: each is moved once. (The cold start may take the defrag copies'
-    // identical originals, still in their freed source, for current: then that is moved.)
+    // both sparse here: each is moved once. (The defrag copies' originals, still in their
+    // freed source, are not taken for current: see
+    // `a_restart_serves_defrag_copies_not_their_freed_originals`.)
     let reads = engine.stats().defrag_reads;
     assert!(reads <= 2, "{reads} wblocks defragged after the restart, not only the two left open");
     check_latest(&engine, &latest, "after defrag following the restart");
+}
+
+/// Reopen `disks` with defrag held back (nothing is below 1% live), then make every read of
+/// wblock `w` fail: each record must be read from anywhere else.
+fn reopen_without_wblock(disks: &[SimDisk], c: &EngineConfig, w: u32) -> Engine {
+    let mut c = c.clone();
+    c.defrag_lwm_pct = 1;
+    let engine = open(disks, c);
+    let wb = engine.config().wblock_bytes as u64;
+    disks[0]
+        .set_faults(SimFaults { eio_read_ranges: vec![(w as u64 * wb, (w as u64 + 1) * wb)], ..Default::default() });
+    engine
+}
+
+/// Overwrite three quarters of `keys`, so that their wblock drops below the default
+/// defrag-lwm-pct and qualifies.
+fn thin_out(engine: &Engine, keys: &[u64], ver: &mut i64, latest: &mut Latest) {
+    for &key in &keys[keys.len() / 4..] {
+        *ver += 1;
+        put_vp(engine, key, *ver);
+        latest.insert(key, Some(*ver));
+    }
+    engine.flush();
+}
+
+/// After a restart the records defrag moved are served from its copies, not from the
+/// originals still in their freed (and not yet reused) source wblock: of two copies of one
+/// write, the cold start takes the one in the later-written wblock. Before, it kept the
+/// copy it scanned first, here the original (the source has the lower number): the freed
+/// source counted as live again, and defrag moved the same records after every restart.
+/// The source's reads fail after the restart, so a record still pointing there fails.
+#[test]
+fn a_restart_serves_defrag_copies_not_their_freed_originals() {
+    common::init_logs();
+    let (disks, c) = small_defrag_setup();
+    let wb = c.wblock_bytes as u64;
+    let engine = open(&disks, c.clone());
+    let (mut latest, mut ver) = put_200(&engine);
+    let (source, keys) = key0_wblock(&disks[0], wb);
+    let source_seq = scan_wblock(&disks[0], source, wb).seq;
+    thin_out(&engine, &keys, &mut ver, &mut latest);
+    wait_for("defrag moves the sparse wblock", || engine.stats().defrag_reads > 0);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_defrag_at_rest(&engine, "after moving the sparse wblock");
+    assert_eq!(scan_wblock(&disks[0], source, wb).seq, source_seq, "the source still holds the originals");
+    engine.shutdown().unwrap();
+    drop(engine);
+    let engine = reopen_without_wblock(&disks, &c, source);
+    check_latest(&engine, &latest, "after the restart, the source unreadable");
+}
+
+/// Defrag copies a record only into a wblock written after the record's source, which is
+/// what lets a cold start tell the copy (see the test above). Its output wblock, opened
+/// while it moved one sparse wblock and kept open through the pause after it, is older
+/// than a client wblock that is opened, filled and thinned out during that pause: before
+/// moving that one, defrag seals the output and opens a new one.
+#[test]
+fn defrag_copies_land_in_a_wblock_newer_than_their_source() {
+    common::init_logs();
+    let (disks, mut c) = small_defrag_setup();
+    c.defrag_sleep_us = 1_000_000;
+    let wb = c.wblock_bytes as u64;
+    let engine = open(&disks, c.clone());
+    let (mut latest, mut ver) = put_200(&engine);
+    let (first, keys) = key0_wblock(&disks[0], wb);
+    thin_out(&engine, &keys, &mut ver, &mut latest);
+    wait_for("defrag moves the first sparse wblock", || engine.stats().defrag_reads > 0);
+    let t0 = std::time::Instant::now();
+    // During the pause: keys 1000..1250 fill the client wblock open now and the next ones.
+    for key in 1000..1250 {
+        ver += 1;
+        put_vp(&engine, key, ver);
+        latest.insert(key, Some(ver));
+    }
+    engine.flush();
+    let output = wblock_of(&disks[0], wb, keys[0]);
+    let output = if output == first {
+        (1..(disks[0].size() / wb) as u32)
+            .find(|&w| w != first && !keys_in_wblock(&disks[0], w, wb, std::iter::once(keys[0])).is_empty())
+            .expect("the moved key has a copy")
+    } else {
+        output
+    };
+    let source = wblock_of(&disks[0], wb, 1125);
+    let source_keys = keys_in_wblock(&disks[0], source, wb, 1000..1250);
+    let (out_seq, source_seq) = (scan_wblock(&disks[0], output, wb).seq, scan_wblock(&disks[0], source, wb).seq);
+    assert!(source_keys.len() > 60, "a full client wblock: {source_keys:?}");
+    assert!(out_seq < source_seq, "the output (seq {out_seq}) was opened before the source (seq {source_seq})");
+    thin_out(&engine, &source_keys, &mut ver, &mut latest);
+    assert!(
+        t0.elapsed() < std::time::Duration::from_millis(800),
+        "the set-up outlasted defrag's pause ({:?}): the output may have been sealed at rest",
+        t0.elapsed()
+    );
+    assert_eq!(engine.stats().defrag_reads, 1, "defrag is still in its pause");
+    wait_for("defrag moves the client wblock", || engine.stats().defrag_reads > 1);
+    assert_eq!(engine.stats().defrag_outputs_sealed_early, 1, "the older output was sealed first");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(scan_wblock(&disks[0], source, wb).seq, source_seq, "the source still holds the originals");
+    check_latest(&engine, &latest, "after defrag");
+    engine.shutdown().unwrap();
+    drop(engine);
+    let engine = reopen_without_wblock(&disks, &c, source);
+    check_latest(&engine, &latest, "after the restart, the source unreadable");
 }
 
 /// A record damaged on the device after it was written is reported as an error by the read

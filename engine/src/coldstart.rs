@@ -128,10 +128,17 @@ pub(crate) struct SliceScan {
     pub max_seq: u64,
 }
 
-/// Keep `e` if it is newer than what `index` has for its digest.
-pub(crate) fn keep_newest(index: &mut Index, e: IndexEntry) {
+/// Keep `e` if it is newer than what `index` has for its digest. Two copies of one write
+/// (the same ordering sequence) are a record and defrag's copy of it, whose source may still
+/// hold the original when it was freed and not reused: the copy in the wblock with the later
+/// write sequence (`wblock_seq` of a copy's location) is current, and defrag only copies
+/// into a wblock whose sequence is above its source's (`Shard::defrag_slice`). Taking the
+/// original instead would count the freed source as live again, and defrag would move its
+/// records once more after every restart.
+pub(crate) fn keep_newest(index: &mut Index, e: IndexEntry, wblock_seq: impl Fn(&Loc) -> u64) {
     match index.get(&e.digest) {
-        Some(old) if old.seq >= e.seq => {}
+        Some(old) if old.seq > e.seq => {}
+        Some(old) if old.seq == e.seq && wblock_seq(&old.loc) >= wblock_seq(&e.loc) => {}
         _ => {
             index.upsert(e);
         }
@@ -217,7 +224,9 @@ pub(crate) fn scan_slice(io: &mut dyn IoBackend, shared: &Shared, shard: usize) 
                 // (`drop_truncated`): filtering copies here could let an older copy stand in
                 // for a truncated newer one.
                 let loc = Loc { dev: d, offset: w as u64 * wb + off as u64, size: plen };
-                keep_newest(&mut index, IndexEntry::of_record(&meta, loc, set_id, has_key));
+                keep_newest(&mut index, IndexEntry::of_record(&meta, loc, set_id, has_key), |l| {
+                    shared.wblock_seq_at(l)
+                });
             }
             spare.push(buf);
             done_bytes += wb;

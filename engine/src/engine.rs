@@ -499,7 +499,7 @@ fn shard_main(
     for _ in 1..n {
         if let Ok(batch) = exchange_rx.recv() {
             for e in batch {
-                keep_newest(&mut index, e);
+                keep_newest(&mut index, e, |l| shared.wblock_seq_at(l));
             }
         }
     }

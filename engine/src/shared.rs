@@ -142,6 +142,11 @@ impl Shared {
         }
     }
 
+    /// The write sequence of the wblock holding `loc` (as [`Shared::record_loc`] has it).
+    pub(crate) fn wblock_seq_at(&self, loc: &crate::index::Loc) -> u64 {
+        self.devs[loc.dev as usize].seq[(loc.offset / self.wblock_bytes()) as usize].load(Relaxed)
+    }
+
     pub fn add_live(&self, dev: u32, w: u32, bytes: u32) {
         self.devs[dev as usize].live[w as usize].fetch_add(bytes, Relaxed);
     }
@@ -202,6 +207,7 @@ pub(crate) struct ShardStats {
     pub cold_bytes: AtomicU64,
     pub defrag_reads: AtomicU64,
     pub defrag_read_errors: AtomicU64,
+    pub defrag_outputs_sealed_early: AtomicU64,
     pub defrag_read_bytes: AtomicU64,
     pub defrag_write_bytes: AtomicU64,
     pub defrag_queue: AtomicU64,
@@ -255,6 +261,9 @@ pub struct EngineStats {
     pub defrag_reads: u64,
     /// Wblock reads by defrag that failed (each wblock is then left alone a while).
     pub defrag_read_errors: u64,
+    /// Defrag output wblocks sealed before they were full because they were opened before
+    /// the wblock to be moved (copies must land in a later wblock than their source).
+    pub defrag_outputs_sealed_early: u64,
     pub defrag_read_bytes: u64,
     pub defrag_write_bytes: u64,
     /// Device bytes written per client byte written.
@@ -310,6 +319,7 @@ impl EngineStats {
             s.defrag_queue += st.defrag_queue.load(Relaxed);
             s.defrag_reads += st.defrag_reads.load(Relaxed);
             s.defrag_read_errors += st.defrag_read_errors.load(Relaxed);
+            s.defrag_outputs_sealed_early += st.defrag_outputs_sealed_early.load(Relaxed);
             s.defrag_read_bytes += st.defrag_read_bytes.load(Relaxed);
             s.defrag_write_bytes += st.defrag_write_bytes.load(Relaxed);
             s.expired += st.expired.load(Relaxed);

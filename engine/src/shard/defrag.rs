@@ -71,8 +71,9 @@ pub(super) struct DefragState {
     /// Wblocks whose defrag read failed, and when: left alone for
     /// `defrag_retry_unreadable_ms`, or until they are freed.
     pub(super) unreadable: HashMap<(u32, u32), Instant>,
-    /// Defrag's own output wblocks, sealed sparse when nothing qualified, with their live
-    /// bytes then: not candidates until some of those bytes go, or they are freed.
+    /// Defrag's own output wblocks, sealed sparse (when nothing qualified, or when opened
+    /// before the next wblock to move), with their live bytes then: not candidates until
+    /// some of those bytes go, or they are freed.
     pub(super) rested: HashMap<(u32, u32), u32>,
 }
 
@@ -178,6 +179,18 @@ impl Shard {
         self.shared.stats[self.id].defrag_queue.store(self.defrag.queue.len() as u64, Relaxed);
     }
 
+    /// Seal the defrag stream's open wblock on `dev`, if any. A sparse one is remembered with
+    /// its live bytes (`DefragState::rested`) and is not a candidate until some of them go.
+    fn seal_defrag_output(&mut self, dev: u32) {
+        let s = slot(dev, DEFRAG);
+        if let Some(o) = self.open[s].as_ref() {
+            if self.sparse(o.dev, o.w) {
+                self.defrag.rested.insert((o.dev, o.w), self.shared.live(o.dev, o.w));
+            }
+            self.seal(s);
+        }
+    }
+
     /// Start the next wblock's defrag when none is in flight and the pause has passed.
     pub(super) fn defrag_tick(&mut self) {
         if self.defrag.job.is_some() {
@@ -203,13 +216,7 @@ impl Shard {
                 // records moved round, a wblock read and a synced write each time. Look again
                 // a little later.
                 for d in 0..self.wstate.len() {
-                    let s = slot(d as u32, DEFRAG);
-                    if let Some(o) = self.open[s].as_ref() {
-                        if self.sparse(o.dev, o.w) {
-                            self.defrag.rested.insert((o.dev, o.w), self.shared.live(o.dev, o.w));
-                        }
-                        self.seal(s);
-                    }
+                    self.seal_defrag_output(d as u32);
                 }
                 self.defrag.next_at = Some(Instant::now() + Duration::from_millis(20));
                 return;
@@ -313,6 +320,15 @@ impl Shard {
         let floor = self.shared.data_floor(self.id);
         let shared = self.shared.clone();
         let stats = &shared.stats[self.id];
+        // Copies go only into a wblock written after their source, so that a cold start
+        // finding both (the source freed and not yet reused) takes the copy
+        // (`coldstart::keep_newest`). An output wblock opened before the source (defrag was
+        // idle while it stayed open) is sealed; the next copy opens a new one.
+        let seq_of = |w: u32| shared.devs[dev as usize].seq[w as usize].load(Relaxed);
+        if !self.read_only && self.open[slot(dev, DEFRAG)].as_ref().is_some_and(|o| seq_of(o.w) < seq_of(w)) {
+            self.seal_defrag_output(dev);
+            stats.defrag_outputs_sealed_early.fetch_add(1, Relaxed);
+        }
         let slice_end = job.pos + SLICE_BYTES;
         let mut stopped = false;
         let mut moved = 0u64;
