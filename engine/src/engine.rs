@@ -67,7 +67,7 @@ impl Engine {
             });
         }
         let mut io = devices.open_backend(None, 0, 0)?;
-        tracing::info!("namespace {}: I/O: {}", cfg.namespace, io.describe());
+        tracing::debug!("namespace {}: I/O for the device headers: {}", cfg.namespace, io.describe());
         let headers = prepare_headers(&cfg, &devices, io.as_mut())?;
         let previous_clean = headers.iter().all(|h| h.clean());
         // Devices formatted just now hold nothing a cold start could verify (every record
@@ -462,8 +462,27 @@ fn shard_main(
         + 2 * shared.devs.len();
     let mut result: Result<(), String> = Ok(());
     let wake = Wake(links.doorbell.raw_fd());
+    let arena_mib = (slots as u64 * cfg.wblock_bytes as u64) >> 20;
+    if id == 0 {
+        // Registering the buffers pins them, which touches every page: a large
+        // post-write-cache takes seconds here, before the cold start logs anything.
+        tracing::info!(
+            "namespace {}: each of {n} shard(s) sets up {arena_mib} MiB of I/O buffers \
+             (max-write-cache and post-write-cache, pinned in memory)",
+            cfg.namespace
+        );
+    }
+    let started = std::time::Instant::now();
     let mut io: Option<Box<dyn IoBackend>> = match devices.open_backend(Some(wake), cfg.wblock_bytes as usize, slots) {
-        Ok(io) => Some(io),
+        Ok(io) => {
+            tracing::info!(
+                "namespace {}: shard {id}: I/O: {} (set up in {:.1} s)",
+                cfg.namespace,
+                io.describe(),
+                started.elapsed().as_secs_f64()
+            );
+            Some(io)
+        }
         Err(e) => {
             result = Err(e.to_string());
             None
