@@ -892,16 +892,22 @@ fn defrag_comes_to_rest_once_nothing_qualifies() {
     check_latest(&engine, &latest, "after defrag following the restart");
 }
 
-/// Reopen `disks` with defrag held back (nothing is below 1% live), then make every read of
-/// wblock `w` fail: each record must be read from anywhere else.
-fn reopen_without_wblock(disks: &[SimDisk], c: &EngineConfig, w: u32) -> Engine {
+/// Check that defrag's source wblock `w` (with write sequence `seq`) was not reused and still
+/// holds the originals of what defrag moved; shut down; reopen with defrag held back (nothing
+/// is below 1% live) and every read of `w` failing: each record must be served from
+/// elsewhere, its latest version.
+#[track_caller]
+fn restart_without_source(engine: Engine, disks: &[SimDisk], c: &EngineConfig, (w, seq): (u32, u64), latest: &Latest) {
+    let wb = c.wblock_bytes as u64;
+    assert_eq!(scan_wblock(&disks[0], w, wb).seq, seq, "the source still holds the originals");
+    engine.shutdown().unwrap();
+    drop(engine);
     let mut c = c.clone();
     c.defrag_lwm_pct = 1;
     let engine = open(disks, c);
-    let wb = engine.config().wblock_bytes as u64;
     disks[0]
         .set_faults(SimFaults { eio_read_ranges: vec![(w as u64 * wb, (w as u64 + 1) * wb)], ..Default::default() });
-    engine
+    check_latest(&engine, latest, "after the restart, the source unreadable");
 }
 
 /// Overwrite three quarters of `keys`, so that their wblock drops below the default
@@ -934,11 +940,7 @@ fn a_restart_serves_defrag_copies_not_their_freed_originals() {
     wait_for("defrag moves the sparse wblock", || engine.stats().defrag_reads > 0);
     std::thread::sleep(std::time::Duration::from_millis(100));
     assert_defrag_at_rest(&engine, "after moving the sparse wblock");
-    assert_eq!(scan_wblock(&disks[0], source, wb).seq, source_seq, "the source still holds the originals");
-    engine.shutdown().unwrap();
-    drop(engine);
-    let engine = reopen_without_wblock(&disks, &c, source);
-    check_latest(&engine, &latest, "after the restart, the source unreadable");
+    restart_without_source(engine, &disks, &c, (source, source_seq), &latest);
 }
 
 /// Defrag copies a record only into a wblock written after the record's source, which is
@@ -988,12 +990,8 @@ fn defrag_copies_land_in_a_wblock_newer_than_their_source() {
     wait_for("defrag moves the client wblock", || engine.stats().defrag_reads > 1);
     assert_eq!(engine.stats().defrag_outputs_sealed_early, 1, "the older output was sealed first");
     std::thread::sleep(std::time::Duration::from_millis(100));
-    assert_eq!(scan_wblock(&disks[0], source, wb).seq, source_seq, "the source still holds the originals");
     check_latest(&engine, &latest, "after defrag");
-    engine.shutdown().unwrap();
-    drop(engine);
-    let engine = reopen_without_wblock(&disks, &c, source);
-    check_latest(&engine, &latest, "after the restart, the source unreadable");
+    restart_without_source(engine, &disks, &c, (source, source_seq), &latest);
 }
 
 /// A record damaged on the device after it was written is reported as an error by the read
