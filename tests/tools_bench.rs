@@ -1,5 +1,6 @@
 //! ferrospike-bench against a `ferrospike` server: a linear insert, then RU,50 for 3
-//! seconds with no errors, the JSON summary written; the server is killed by PID at the end.
+//! seconds with no errors, the JSON summary written, then RU,50 in an open loop at a set
+//! rate; the server is killed by PID at the end.
 
 mod common;
 mod tools_support;
@@ -39,6 +40,19 @@ fn insert_then_read_update() {
         j.contains("\"read\":{\"count\":") && j.contains("\"write\":{\"count\":") && j.contains("\"p999_us\""),
         "{j}"
     );
+
+    // Open loop: the offered rate, whatever the server could do.
+    let mut args = common.to_vec();
+    args.extend(["-w", "RU,50", "-t", "2", "-o", "I,S32", "--throughput", "1000"]);
+    let r = run_tool("bench", &args);
+    assert_eq!(r.code, 0, "{}", r.dump());
+    let count = |kind: &str| -> u64 {
+        let line =
+            r.stdout.lines().find(|l| l.starts_with(&format!("{kind} "))).unwrap_or_else(|| panic!("{}", r.dump()));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let done = count("read") + count("write");
+    assert!((1800..=2200).contains(&done), "{done} requests in 2 s at 1000/s\n{}", r.dump());
     drop(server);
 }
 

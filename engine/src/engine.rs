@@ -468,7 +468,8 @@ fn shard_main(
         // post-write-cache takes seconds here, before the cold start logs anything.
         tracing::info!(
             "namespace {}: each of {n} shard(s) sets up {arena_mib} MiB of I/O buffers \
-             (max-write-cache and post-write-cache, pinned in memory)",
+             (max-write-cache, post-write-cache and open wblocks), registered with its ring \
+             (pinned in memory) where RLIMIT_MEMLOCK allows",
             cfg.namespace
         );
     }

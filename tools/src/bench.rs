@@ -49,7 +49,7 @@ OPTIONS:
     -t, --duration SECS     run time of RU (default 10)
         --throughput N      target ops/s across all connections: open loop, latency counted
                             from each request's scheduled start (starts spread evenly
-                            over the connections with -a); without it, closed loop
+                            over the connections); without it, closed loop
         --batch-size N      RU reads as batch reads of N keys (default 1: single reads)
         --durable-delete    DB deletes leave tombstones
         --send-key          send the user key with every request (default: digest only)
@@ -526,7 +526,8 @@ fn worker(t: usize, o: &Options, addr: &str, stats: &Stats, start: Instant, done
         // Open loop: wait for this request's scheduled start.
         let scheduled = match period_ns {
             Some(p) => {
-                let due = start + Duration::from_nanos((issued as f64 * p) as u64);
+                // Connection t starts at t/z of a period: the starts are spread evenly.
+                let due = start + Duration::from_nanos(((issued as f64 + t as f64 / o.threads as f64) * p) as u64);
                 let now = Instant::now();
                 if due > now {
                     std::thread::sleep((due - now).min(Duration::from_millis(50)));
@@ -818,17 +819,13 @@ fn event_loop(mine: &[usize], o: &Options, addr: &str, stats: &Stats, start: Ins
             }
         }
         ready.clear();
-        // epoll's timeout is in whole milliseconds: closer than that to the next start, poll
-        // without waiting.
+        // epoll's timeout is in whole milliseconds: wait the whole milliseconds left before
+        // the next start, and poll without waiting in the last one.
         let timeout = match waiting.peek() {
             None => Duration::from_millis(50),
             Some(&Reverse((due, _))) => {
                 let left = due.saturating_duration_since(Instant::now());
-                if left < Duration::from_millis(2) {
-                    Duration::ZERO
-                } else {
-                    (left - Duration::from_millis(1)).min(Duration::from_millis(50))
-                }
+                Duration::from_millis(left.as_millis().min(50) as u64)
             }
         };
         if let Err(e) = poller.wait(&mut ready, timeout) {

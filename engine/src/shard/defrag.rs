@@ -179,6 +179,13 @@ impl Shard {
         self.shared.stats[self.id].defrag_queue.store(self.defrag.queue.len() as u64, Relaxed);
     }
 
+    /// Whether wblock `w` of `dev` was opened after the defrag stream's open output wblock
+    /// there (false when there is none).
+    fn newer_than_output(&self, dev: u32, w: u32) -> bool {
+        let seq = |w: u32| self.shared.devs[dev as usize].seq[w as usize].load(Relaxed);
+        self.open[slot(dev, DEFRAG)].as_ref().is_some_and(|o| seq(o.w) < seq(w))
+    }
+
     /// Seal the defrag stream's open wblock on `dev`, if any. A sparse one is remembered with
     /// its live bytes (`DefragState::rested`) and is not a candidate until some of them go.
     fn seal_defrag_output(&mut self, dev: u32) {
@@ -320,15 +327,6 @@ impl Shard {
         let floor = self.shared.data_floor(self.id);
         let shared = self.shared.clone();
         let stats = &shared.stats[self.id];
-        // Copies go only into a wblock written after their source, so that a cold start
-        // finding both (the source freed and not yet reused) takes the copy
-        // (`coldstart::keep_newest`). An output wblock opened before the source (defrag was
-        // idle while it stayed open) is sealed; the next copy opens a new one.
-        let seq_of = |w: u32| shared.devs[dev as usize].seq[w as usize].load(Relaxed);
-        if !self.read_only && self.open[slot(dev, DEFRAG)].as_ref().is_some_and(|o| seq_of(o.w) < seq_of(w)) {
-            self.seal_defrag_output(dev);
-            stats.defrag_outputs_sealed_early.fetch_add(1, Relaxed);
-        }
         let slice_end = job.pos + SLICE_BYTES;
         let mut stopped = false;
         let mut moved = 0u64;
@@ -367,6 +365,15 @@ impl Shard {
                 stats.tombstones_dropped.fetch_add(1, Relaxed);
                 self.release(here);
                 continue;
+            }
+            // Copies go only into a wblock written after their source, so that a cold start
+            // finding both (the source freed and not yet reused) takes the copy
+            // (`coldstart::keep_newest`). An output wblock opened before the source is
+            // sealed; this copy opens a new one (and so does a full output: a new wblock is
+            // always the newest).
+            if self.newer_than_output(dev, w) {
+                self.seal_defrag_output(dev);
+                stats.defrag_outputs_sealed_early.fetch_add(1, Relaxed);
             }
             // The image is the job's own and the walk is past this record: re-bind it in
             // place rather than through a copy.
