@@ -370,7 +370,8 @@ impl Shard {
             // finding both (the source freed and not yet reused) takes the copy
             // (`coldstart::keep_newest`). An output wblock opened before the source is
             // sealed; this copy opens a new one (and so does a full output: a new wblock is
-            // always the newest).
+            // always the newest). That happens at most once per refill of the queue: every
+            // wblock queued existed before the new output was opened.
             if self.newer_than_output(dev, w) {
                 self.seal_defrag_output(dev);
                 stats.defrag_outputs_sealed_early.fetch_add(1, Relaxed);
