@@ -136,6 +136,13 @@ impl Inbox {
     }
 }
 
+thread_local! {
+    /// Replies of commands a shard ran for its own front-end's connections: the callback
+    /// runs on the shard's thread (in the turn, or when a device read completes), so it
+    /// leaves the reply here for the next turn instead of going through a channel.
+    static LOCAL_REPLIES: std::cell::RefCell<Vec<NetReply>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// A reply on its way back to its connection.
 struct NetReply {
     slot: u32,
@@ -275,6 +282,8 @@ pub struct ShardNet {
     rx_conns: Receiver<Incoming>,
     replies_tx: Sender<NetReply>,
     replies_rx: Receiver<NetReply>,
+    /// Swapped with [`LOCAL_REPLIES`] each turn (keeps its allocation).
+    local_replies: Vec<NetReply>,
     doorbell: Option<Arc<Doorbell>>,
     conns: Vec<Option<NetConn>>,
     free: Vec<u32>,
@@ -323,6 +332,7 @@ impl ShardNet {
             rx_conns,
             replies_tx,
             replies_rx,
+            local_replies: Vec::new(),
             doorbell: None,
             conns: Vec::new(),
             free: Vec::new(),
@@ -981,6 +991,39 @@ impl ShardNet {
         self.arm_recv(sh, slot, ctx);
     }
 
+    /// Put a reply where it belongs: its connection's request slot, batch or scan.
+    fn take_reply(&mut self, r: NetReply) {
+        let Some(c) = self.conn(r.slot).filter(|c| c.id == r.id) else {
+            return;
+        };
+        if let Some(p) = r.page {
+            if let Some(job) = c.scan.as_mut().filter(|j| j.seq == r.seq) {
+                job.in_flight = false;
+                job.rows.extend_from_slice(&r.bytes);
+                job.left = job.left.saturating_sub(p.records);
+                if p.result != ResultCode::Ok {
+                    job.result = Some(p.result);
+                } else if p.done || p.records == 0 {
+                    job.next += 1;
+                    job.after = job.partitions.get(job.next).and_then(|q| q.1);
+                } else {
+                    job.after = p.last;
+                }
+            }
+        } else if r.row {
+            if let Some(job) = c.batch.as_mut().filter(|j| j.seq == r.seq) {
+                job.rows.extend_from_slice(&r.bytes);
+                job.outstanding -= 1;
+            }
+        } else {
+            let i = (r.seq - c.base_seq) as usize;
+            debug_assert!(!c.slots[i].done, "one reply per request");
+            c.slots[i] = Slot::done(r.bytes);
+            c.outstanding -= 1;
+        }
+        self.dirty.push(r.slot);
+    }
+
     /// Give a connection to a thread of its own running the blocking front-end (nothing of
     /// it is with the ring any more).
     fn hand_over(&mut self, sh: &Shared, slot: u32) {
@@ -1076,7 +1119,8 @@ struct Back<'a> {
 
 /// Run `cmd` on the engine of `namespace` (this shard's engine, through `ctx`, or another
 /// namespace's without waiting); its answer, encoded by `encode`, comes back as a
-/// [`NetReply`]. False when the namespace does not exist (nothing was run).
+/// [`NetReply`]: through [`LOCAL_REPLIES`] when this shard runs it, else the replies
+/// channel. False when the namespace does not exist (nothing was run).
 fn dispatch(
     sh: &Shared,
     ctx: &mut HookCtx<'_>,
@@ -1086,8 +1130,17 @@ fn dispatch(
     back: Back<'_>,
     encode: impl FnOnce(&Reply) -> Vec<u8> + Send + 'static,
 ) -> bool {
-    let (tx, bell) = (back.tx.clone(), back.bell.clone());
     let Back { slot, id, seq, row, .. } = back;
+    if namespace == mine && ctx.shard_of(&cmd.digest) == ctx.shard_id() {
+        // Runs on this thread, and so does its callback (now or after a device read): the
+        // reply waits in LOCAL_REPLIES for the turn, with no channel or doorbell.
+        ctx.submit(cmd, move |reply: Reply| {
+            let r = NetReply { slot, id, seq, bytes: encode(&reply), row, page: None };
+            LOCAL_REPLIES.with(|l| l.borrow_mut().push(r));
+        });
+        return true;
+    }
+    let (tx, bell) = (back.tx.clone(), back.bell.clone());
     let cb = move |reply: Reply| {
         let _ = tx.send(NetReply { slot, id, seq, bytes: encode(&reply), row, page: None });
         if let Some(b) = bell {
@@ -1130,7 +1183,10 @@ impl ShardHook for ShardNet {
     fn pending(&self) -> bool {
         // Parked connections are looked at again once the forward backlog has drained,
         // which may happen after the turn that parked them.
-        !self.replies_rx.is_empty() || !self.rx_conns.is_empty() || !self.parked.is_empty()
+        !self.replies_rx.is_empty()
+            || !self.rx_conns.is_empty()
+            || !self.parked.is_empty()
+            || LOCAL_REPLIES.with(|l| !l.borrow().is_empty())
     }
 
     fn turn(&mut self, ctx: &mut HookCtx<'_>) -> bool {
@@ -1168,37 +1224,18 @@ impl ShardHook for ShardNet {
         self.done = done;
         // The requests just taken run now, so that their answers are sent in this turn.
         ctx.run_submitted();
+        // Replies of the commands this shard ran for its own connections, then those other
+        // shards (or namespaces) sent back.
+        LOCAL_REPLIES.with(|l| std::mem::swap(&mut *l.borrow_mut(), &mut self.local_replies));
+        let mut local = std::mem::take(&mut self.local_replies);
+        did |= !local.is_empty();
+        for r in local.drain(..) {
+            self.take_reply(r);
+        }
+        self.local_replies = local;
         while let Ok(r) = self.replies_rx.try_recv() {
             did = true;
-            let Some(c) = self.conn(r.slot).filter(|c| c.id == r.id) else {
-                continue;
-            };
-            if let Some(p) = r.page {
-                if let Some(job) = c.scan.as_mut().filter(|j| j.seq == r.seq) {
-                    job.in_flight = false;
-                    job.rows.extend_from_slice(&r.bytes);
-                    job.left = job.left.saturating_sub(p.records);
-                    if p.result != ResultCode::Ok {
-                        job.result = Some(p.result);
-                    } else if p.done || p.records == 0 {
-                        job.next += 1;
-                        job.after = job.partitions.get(job.next).and_then(|q| q.1);
-                    } else {
-                        job.after = p.last;
-                    }
-                }
-            } else if r.row {
-                if let Some(job) = c.batch.as_mut().filter(|j| j.seq == r.seq) {
-                    job.rows.extend_from_slice(&r.bytes);
-                    job.outstanding -= 1;
-                }
-            } else {
-                let i = (r.seq - c.base_seq) as usize;
-                debug_assert!(!c.slots[i].done, "one reply per request");
-                c.slots[i] = Slot::done(r.bytes);
-                c.outstanding -= 1;
-            }
-            self.dirty.push(r.slot);
+            self.take_reply(r);
         }
         if !self.parked.is_empty() && ctx.forward_backlog() <= MAX_FORWARD_BACKLOG {
             self.dirty.append(&mut self.parked);
