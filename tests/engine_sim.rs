@@ -975,14 +975,10 @@ fn defrag_copies_land_in_a_wblock_newer_than_their_source() {
         latest.insert(key, Some(ver));
     }
     engine.flush();
-    let output = wblock_of(&disks[0], wb, keys[0]);
-    let output = if output == first {
-        (1..(disks[0].size() / wb) as u32)
-            .find(|&w| w != first && !keys_in_wblock(&disks[0], w, wb, std::iter::once(keys[0])).is_empty())
-            .expect("the moved key has a copy")
-    } else {
-        output
-    };
+    // Defrag's output: the wblock besides the first that holds its first key.
+    let output = (1..(disks[0].size() / wb) as u32)
+        .find(|&w| w != first && !keys_in_wblock(&disks[0], w, wb, std::iter::once(keys[0])).is_empty())
+        .expect("the moved key has a copy");
     let source = wblock_of(&disks[0], wb, 1125);
     let source_keys = keys_in_wblock(&disks[0], source, wb, 1000..1250);
     let (out_seq, source_seq) = (scan_wblock(&disks[0], output, wb).seq, scan_wblock(&disks[0], source, wb).seq);

@@ -46,14 +46,15 @@ fn insert_then_read_update() {
     args.extend(["-w", "RU,50", "-t", "2", "-o", "I,S32", "--throughput", "1000"]);
     let r = run_tool("bench", &args);
     assert_eq!(r.code, 0, "{}", r.dump());
-    let count = |kind: &str| -> u64 {
-        let line =
-            r.stdout.lines().find(|l| l.starts_with(&format!("{kind} "))).unwrap_or_else(|| panic!("{}", r.dump()));
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    };
-    let done = count("read") + count("write");
+    let done = count(&r.stdout, "read") + count(&r.stdout, "write");
     assert!((1800..=2200).contains(&done), "{done} requests in 2 s at 1000/s\n{}", r.dump());
     drop(server);
+}
+
+/// The request count of the summary line of `kind` (read, write, delete) in `out`.
+fn count(out: &str, kind: &str) -> u64 {
+    let line = out.lines().find(|l| l.starts_with(&format!("{kind} "))).unwrap_or_else(|| panic!("{out}"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 /// `--async`: two event loops drive five connections through a linear insert, RU,50 closed
@@ -70,11 +71,6 @@ fn event_loops_insert_read_update_delete() {
         args.extend(extra);
         run_tool("bench", &args)
     };
-    let count = |out: &str, kind: &str| -> u64 {
-        let line = out.lines().find(|l| l.starts_with(&format!("{kind} "))).unwrap_or_else(|| panic!("{out}"));
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    };
-
     let r = run(&["-w", "I"]);
     assert_eq!(r.code, 0, "{}\n--- server log\n{}", r.dump(), server.log_text());
     assert!(r.stdout.contains("on 2 event loop(s)"), "{}", r.dump());

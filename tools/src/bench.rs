@@ -520,14 +520,13 @@ fn worker(t: usize, o: &Options, addr: &str, stats: &Stats, start: Instant, done
     // Linear workloads: this connection's slice of the key range.
     let (lo, hi) = slice_of(o, t);
     let mut next_linear = lo;
-    let period_ns = o.throughput.map(|tp| 1e9 * o.threads as f64 / tp as f64);
+    let period = open_loop_period(o);
     let mut issued = 0u64;
     while !stats.stop.load(Relaxed) {
         // Open loop: wait for this request's scheduled start.
-        let scheduled = match period_ns {
+        let scheduled = match period {
             Some(p) => {
-                // Connection t starts at t/z of a period: the starts are spread evenly.
-                let due = start + Duration::from_nanos(((issued as f64 + t as f64 / o.threads as f64) * p) as u64);
+                let due = first_start(o, start, p, t) + p.mul_f64(issued as f64);
                 let now = Instant::now();
                 if due > now {
                     std::thread::sleep((due - now).min(Duration::from_millis(50)));
@@ -581,6 +580,17 @@ fn worker(t: usize, o: &Options, addr: &str, stats: &Stats, start: Instant, done
         }
     }
     done.fetch_add(1, Relaxed);
+}
+
+/// With `--throughput`: how often each connection starts a request (z / throughput).
+fn open_loop_period(o: &Options) -> Option<Duration> {
+    o.throughput.map(|tp| Duration::from_secs_f64(o.threads as f64 / tp as f64))
+}
+
+/// With `--throughput`: connection `t`'s first start, `t/z` of a period after `start`, so
+/// that the starts of all connections are spread evenly.
+fn first_start(o: &Options, start: Instant, period: Duration, t: usize) -> Instant {
+    start + period.mul_f64(t as f64 / o.threads as f64)
 }
 
 /// What the next request of a connection is; None when its slice of a linear workload is
@@ -723,12 +733,12 @@ struct LoopConn {
 fn event_loop(mine: &[usize], o: &Options, addr: &str, stats: &Stats, start: Instant, done: &AtomicU64) {
     let mut rng = Rng::new();
     let mut req = Vec::with_capacity(4096);
-    let period = o.throughput.map(|tp| Duration::from_secs_f64(o.threads as f64 / tp as f64));
+    let period = open_loop_period(o);
     let mut conns: Vec<LoopConn> = mine
         .iter()
         .map(|&t| {
             let (lo, hi) = slice_of(o, t);
-            let due = period.map(|p| start + p.mul_f64(t as f64 / o.threads as f64));
+            let due = period.map(|p| first_start(o, start, p, t));
             LoopConn { conn: None, next_linear: lo, hi, in_flight: None, done: false, due }
         })
         .collect();
