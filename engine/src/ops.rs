@@ -88,7 +88,7 @@ pub fn apply(cmd: &Command, cur: Option<&Current>, now: u32, default_ttl: u32) -
     }
 
     if !cmd.is_write() {
-        return read_only(cmd, cur);
+        return Outcome::Reply(read_only(cmd, cur.cloned()));
     }
 
     // Writes.
@@ -208,21 +208,31 @@ pub fn apply(cmd: &Command, cur: Option<&Current>, now: u32, default_ttl: u32) -
     }
 }
 
-fn read_only(cmd: &Command, cur: Option<&Current>) -> Outcome {
+/// The reply of a command that does not write ([`Command::is_write`] false), taking what it
+/// returns from `cur` (no copy of the values when it returns every bin). The same answer
+/// as [`apply`] gives.
+pub fn read(cmd: &Command, cur: Option<Current>) -> Reply {
+    if cmd.ops.iter().any(|op| op.bin_name().len() > MAX_BIN_NAME_BYTES) {
+        return Reply::error(ResultCode::BinName);
+    }
+    read_only(cmd, cur)
+}
+
+fn read_only(cmd: &Command, cur: Option<Current>) -> Reply {
     let Some(c) = cur else {
-        return Outcome::Reply(Reply::error(ResultCode::NotFound));
+        return Reply::error(ResultCode::NotFound);
     };
     let mut reply =
         Reply { result: ResultCode::Ok, generation: c.generation, void_time: c.void_time, bins: Vec::new() };
     if cmd.header_only {
-        return Outcome::Reply(reply);
+        return reply;
     }
     let named: Vec<&str> =
         cmd.ops.iter().filter_map(|o| if let Op::Read(n) = o { Some(n.as_str()) } else { None }).collect();
     if cmd.read_all || named.iter().any(|n| n.is_empty()) {
-        reply.bins = c.bins.iter().map(|b| OpResult { name: b.name.clone(), value: b.value.clone() }).collect();
+        reply.bins = c.bins.into_iter().map(|b| OpResult { name: b.name, value: b.value }).collect();
     } else if named.is_empty() {
-        return Outcome::Reply(Reply::error(ResultCode::Parameter));
+        return Reply::error(ResultCode::Parameter);
     } else {
         for n in named {
             match c.bins.iter().find(|b| b.name == n) {
@@ -232,7 +242,7 @@ fn read_only(cmd: &Command, cur: Option<&Current>) -> Outcome {
             }
         }
     }
-    Outcome::Reply(reply)
+    reply
 }
 
 fn set_bin(bins: &mut Vec<Bin>, name: &str, v: Value) {
@@ -282,6 +292,29 @@ mod tests {
         match o {
             Outcome::Reply(r) => r.result,
             Outcome::Store { reply, .. } | Outcome::Delete { reply } => reply.result,
+        }
+    }
+
+    #[test]
+    fn read_answers_as_apply_does() {
+        let d = Digest::default();
+        let cur = rec(3, &[("a", Value::Int(1)), ("b", Value::Blob(vec![7; 1536])), ("c", Value::Str(b"x".to_vec()))]);
+        let long = "n".repeat(MAX_BIN_NAME_BYTES + 1);
+        let cmds = [
+            Command::get(d),
+            Command::get_bins(d, &["c", "a", "c"]),
+            Command::get_bins(d, &["a", "zz"]),
+            Command { respond_all_ops: true, ..Command::get_bins(d, &["zz", "b"]) },
+            Command::get_bins(d, &[""]),
+            Command::get_bins(d, &[long.as_str()]),
+            Command::exists(d),
+            Command { ops: Vec::new(), ..Default::default() },
+        ];
+        for cmd in &cmds {
+            for c in [Some(&cur), None] {
+                let Outcome::Reply(want) = apply(cmd, c, NOW, 0) else { panic!("a read stores nothing") };
+                assert_eq!(read(cmd, c.cloned()), want, "{cmd:?} on {c:?}");
+            }
         }
     }
 

@@ -175,6 +175,20 @@ impl WBuf {
         out
     }
 
+    /// `[off, off+len)` in place, when it lies in the frozen prefix (else `None`: copy it
+    /// with [`WBuf::read_at`]).
+    pub fn frozen_slice(&self, off: usize, len: usize) -> Option<&[u8]> {
+        let end = off.checked_add(len)?;
+        if end > self.frozen.get() {
+            return None;
+        }
+        // SAFETY: the range is inside the allocation (frozen <= len, see freeze_to) and in
+        // the frozen prefix, which is never written again: write_at and zero assert that
+        // they start after it, and it never shrinks. Device writes only read it. The buffer
+        // cannot be freed or moved while the slice borrows `self` (into_inner consumes it).
+        Some(unsafe { std::slice::from_raw_parts((*self.buf.get()).as_ptr().add(off), len) })
+    }
+
     /// Ask the CPU to start loading `[off, off+len)` into its caches (a hint: no effect on
     /// what the buffer holds, and nothing on CPUs without a prefetch instruction).
     pub fn prefetch(&self, off: usize, len: usize) {
@@ -228,5 +242,25 @@ impl WBuf {
 impl std::fmt::Debug for WBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "WBuf(len={}, frozen={})", self.len(), self.frozen.get())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frozen_slices_only_cover_the_frozen_prefix() {
+        let w = WBuf::new(AlignedBuf::new(8192));
+        w.write_at(100, b"record");
+        assert_eq!(w.frozen_slice(100, 6), None, "not frozen yet: the caller copies");
+        assert_eq!(w.read_at(100, 6), b"record");
+        w.freeze_to(4096);
+        assert_eq!(w.frozen_slice(100, 6), Some(&b"record"[..]));
+        assert_eq!(w.frozen_slice(4090, 6), Some(&[0u8; 6][..]));
+        assert_eq!(w.frozen_slice(4091, 6), None, "ends past the frozen prefix");
+        assert_eq!(w.frozen_slice(usize::MAX, 2), None);
+        w.write_at(4096, b"next");
+        assert_eq!(w.read_at(4096, 4), b"next");
     }
 }

@@ -761,6 +761,13 @@ impl Shard {
 
     /// Apply the command and carry out its outcome; then let queued writes of the digest go.
     fn finish(&mut self, cmd: Command, cb: Callback, cur: Option<Current>) {
+        if !cmd.is_write() {
+            // The record read is not needed after the reply: its bins move into it.
+            let digest = cmd.digest;
+            cb(ops::read(&cmd, cur));
+            self.release_busy(digest);
+            return;
+        }
         let outcome = ops::apply(&cmd, cur.as_ref(), self.now_secs, self.shared.cfg.default_ttl_secs);
         let digest = cmd.digest;
         match outcome {

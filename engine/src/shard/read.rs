@@ -18,8 +18,12 @@ impl Shard {
         let wb = self.wb();
         let w = (e.loc.offset / wb) as u32;
         let mw = self.mem.get(&(e.loc.dev, w))?;
-        let bytes = mw.buf.read_at((e.loc.offset % wb) as usize, e.loc.size as usize);
-        Some(self.decode_at(&bytes, e))
+        let (off, len) = ((e.loc.offset % wb) as usize, e.loc.size as usize);
+        // Flushed bytes (every record of the post-write cache) are decoded where they lie.
+        Some(match mw.buf.frozen_slice(off, len) {
+            Some(bytes) => self.decode_at(bytes, e),
+            None => self.decode_at(&mw.buf.read_at(off, len), e),
+        })
     }
 
     /// Ask the CPU for the memory a batch of commands (at most [`PREFETCH_WINDOW`]) will
