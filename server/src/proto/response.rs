@@ -83,7 +83,9 @@ pub fn write_reply_msg(out: &mut Vec<u8>, reply: &Reply, op_codes: Option<&[u8]>
 
 /// A complete single-record response frame.
 pub fn encode_reply(reply: &Reply, op_codes: Option<&[u8]>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(PROTO_HEADER_BYTES + MSG_HEADER_BYTES + 16 * reply.bins.len());
+    // Sized exactly (see write_op), so the values are copied once, with no reallocation.
+    let ops: usize = reply.bins.iter().map(|b| 8 + b.name.len().min(u8::MAX as usize) + b.value.encoded_len()).sum();
+    let mut out = Vec::with_capacity(PROTO_HEADER_BYTES + MSG_HEADER_BYTES + ops);
     let start = begin_frame(&mut out, MSG_TYPE_AS_MSG);
     write_reply_msg(&mut out, reply, op_codes, 0, 0);
     end_frame(&mut out, start);
@@ -142,7 +144,9 @@ mod tests {
         ]
         .concat()
         .replace(' ', ""));
-        assert_eq!(encode_reply(&reply, None), want);
+        let got = encode_reply(&reply, None);
+        assert_eq!(got, want);
+        assert_eq!(got.capacity(), got.len(), "sized exactly");
     }
 
     #[test]
