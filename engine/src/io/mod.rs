@@ -98,9 +98,10 @@ pub struct SockRequest {
 /// What a socket operation does; the buffers travel with it and come back in the completion.
 #[derive(Debug)]
 pub enum SockOp {
-    /// Receive at most `buf.len() - at` bytes into `buf[at..]`. Completes when at least one
-    /// byte arrived, at end of stream (0), or on an error.
-    Recv { buf: Vec<u8>, at: usize },
+    /// Receive into the spare capacity of `buf` (at most `capacity - len` bytes, none of them
+    /// zeroed first): what arrives is appended, `len` growing by the count. Completes when
+    /// at least one byte arrived, at end of stream (0), or on an error (`len` unchanged).
+    Recv { buf: Vec<u8> },
     /// Send `buf[at..]`; may complete after sending only part of it.
     Send { buf: Vec<u8>, at: usize },
     /// Accept one connection on a listening socket: the result is the new descriptor,

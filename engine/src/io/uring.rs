@@ -519,7 +519,15 @@ impl UringBackend {
         self.socks_in_kernel -= 1;
         self.socks_free.push(idx);
         let result = if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res as usize) };
-        self.sock_ready.push(SockCompletion { token: slot.req.token, result, op: slot.req.op });
+        let mut op = slot.req.op;
+        if let (SockOp::Recv { buf }, Ok(n)) = (&mut op, &result) {
+            let n = (*n).min(buf.capacity() - buf.len());
+            // SAFETY: the receive was given the spare capacity after `len` (build_sock_sqe)
+            // and the kernel reports writing `n` bytes there, so `[len, len + n)` is
+            // initialised; `n` is capped at the capacity in any case.
+            unsafe { buf.set_len(buf.len() + n) };
+        }
+        self.sock_ready.push(SockCompletion { token: slot.req.token, result, op });
     }
 
     /// Enter the kernel: submit what is in the SQ, and wait for one completion when asked.
@@ -728,14 +736,18 @@ fn probe_recv_poll_first(ring: &mut IoUring) -> bool {
 fn build_sock_sqe(req: &mut SockRequest, poll_first: bool) -> squeue::Entry {
     let fd = Fd(req.fd);
     match &mut req.op {
-        SockOp::Recv { buf, at } => {
-            let rest = &mut buf[*at..];
-            let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
+        SockOp::Recv { buf } => {
+            let holds_bytes = !buf.is_empty();
+            let spare = buf.spare_capacity_mut();
+            let len = u32::try_from(spare.len()).unwrap_or(u32::MAX);
             // Poll first: a receive is armed when the connection's client is waiting for an
             // answer, so the socket is almost always empty and the attempt io_uring would
-            // otherwise make before arming its poll only fails.
-            let ioprio = if poll_first && *at == 0 { RECV_POLL_FIRST } else { 0 };
-            opcode::Recv::new(fd, rest.as_mut_ptr(), len).ioprio(ioprio).build()
+            // otherwise make before arming its poll only fails. Not for a buffer that already
+            // holds part of a message, whose rest may well be waiting.
+            let ioprio = if poll_first && !holds_bytes { RECV_POLL_FIRST } else { 0 };
+            // The kernel writes at most `len` bytes from here; `on_sock_cqe` then counts them
+            // into the Vec's length.
+            opcode::Recv::new(fd, spare.as_mut_ptr().cast::<u8>(), len).ioprio(ioprio).build()
         }
         SockOp::Send { buf, at } => {
             let rest = &buf[*at..];
@@ -1474,7 +1486,7 @@ mod tests {
     }
 
     fn recv_req(token: u64, fd: RawFd) -> SockRequest {
-        SockRequest { token, fd, op: SockOp::Recv { buf: vec![0; 64], at: 0 } }
+        SockRequest { token, fd, op: SockOp::Recv { buf: Vec::with_capacity(64) } }
     }
 
     /// A connected pair: the client end, and the server end accepted by std.
@@ -1520,8 +1532,24 @@ mod tests {
         client.write_all(b"hello").unwrap();
         let done = wait_socks(&mut io, 1);
         assert_eq!((done[0].token, *done[0].result.as_ref().unwrap()), (2, 5));
-        let SockOp::Recv { buf, .. } = &done[0].op else { panic!("the receive's buffer comes back") };
-        assert_eq!(&buf[..5], b"hello");
+        let SockOp::Recv { buf } = &done[0].op else { panic!("the receive's buffer comes back") };
+        assert_eq!(buf, b"hello", "what arrived, and nothing else, is the buffer's content");
+
+        // A buffer holding bytes already: what arrives is appended, within its capacity.
+        let mut buf = Vec::with_capacity(8);
+        buf.extend_from_slice(b"abc");
+        let room = buf.capacity() - 3;
+        assert!(room < 8, "the allocator rounded the capacity up to {}", buf.capacity());
+        io.push_sock(SockRequest { token: 7, fd, op: SockOp::Recv { buf } });
+        client.write_all(b"defghijk").unwrap();
+        let done = wait_socks(&mut io, 1);
+        assert_eq!((done[0].token, *done[0].result.as_ref().unwrap()), (7, room));
+        let SockOp::Recv { buf } = &done[0].op else { panic!("the receive's buffer comes back") };
+        assert_eq!(buf[..], b"abcdefghijk"[..3 + room]);
+        io.push_sock(SockRequest { token: 8, fd, op: SockOp::Recv { buf: Vec::with_capacity(64) } });
+        let done = wait_socks(&mut io, 1);
+        let SockOp::Recv { buf } = &done[0].op else { panic!("the receive's buffer comes back") };
+        assert_eq!(buf[..], b"defghijk"[room..], "the rest stayed in the socket");
 
         // A send starts at its offset.
         io.push_sock(SockRequest { token: 3, fd, op: SockOp::Send { buf: b"--world".to_vec(), at: 2 } });

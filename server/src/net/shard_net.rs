@@ -293,6 +293,9 @@ pub struct ShardNet {
     /// When an accept may be armed again after a failure.
     accept_after: Option<Instant>,
     done: Vec<SockCompletion>,
+    /// When the current turn started: the clock is read once a turn for the connection
+    /// timestamps (activity, first byte, write progress), whose timeouts are far coarser.
+    now: Instant,
     last_timer: Instant,
     /// Connections that may have replies or bytes to send, or a receive to arm.
     dirty: Vec<u32>,
@@ -340,6 +343,7 @@ impl ShardNet {
             accept: None,
             accept_after: None,
             done: Vec::new(),
+            now: Instant::now(),
             last_timer: Instant::now(),
             dirty: Vec::new(),
             parked: Vec::new(),
@@ -439,14 +443,17 @@ impl ShardNet {
             return;
         }
         let mut buf = std::mem::take(&mut c.rbuf);
-        buf.resize(read_window(&c.inbuf), 0);
-        let req =
-            SockRequest { token: TOKEN_RECV | slot as u64, fd: c.sock.as_raw_fd(), op: SockOp::Recv { buf, at: 0 } };
+        // Room for the window (never zeroed: the receive fills it); a larger buffer kept
+        // from earlier receives is used whole.
+        buf.clear();
+        buf.reserve(read_window(&c.inbuf));
+        let req = SockRequest { token: TOKEN_RECV | slot as u64, fd: c.sock.as_raw_fd(), op: SockOp::Recv { buf } };
         c.recv = Some(ctx.push_sock(req));
     }
 
     /// Hand the connection's unsent response bytes to the ring when no send is in flight.
     fn send(&mut self, slot: u32, ctx: &mut HookCtx<'_>) {
+        let now = self.now;
         let Some(c) = self.conn(slot) else { return };
         if c.send.is_some() || c.out.is_empty() {
             return;
@@ -454,7 +461,7 @@ impl ShardNet {
         let buf = std::mem::replace(&mut c.out, std::mem::take(&mut c.spare_out));
         c.sending = buf.len();
         // A stall is counted from here: the connection may have been quiet for long.
-        c.last_write_progress = Instant::now();
+        c.last_write_progress = now;
         let req =
             SockRequest { token: TOKEN_SEND | slot as u64, fd: c.sock.as_raw_fd(), op: SockOp::Send { buf, at: 0 } };
         c.send = Some(ctx.push_sock(req));
@@ -476,11 +483,10 @@ impl ShardNet {
                 c.eof = true;
             }
             Ok(n) => {
-                buf.truncate(n);
-                let now = Instant::now();
-                c.last_activity = now;
+                debug_assert_eq!(buf.len(), n, "a receive into an empty buffer holds what arrived");
+                c.last_activity = self.now;
                 if c.inbuf.is_empty() {
-                    c.first_byte = Some(now);
+                    c.first_byte = Some(self.now);
                     std::mem::swap(&mut c.inbuf, &mut buf);
                 } else {
                     c.inbuf.extend_from_slice(&buf);
@@ -528,7 +534,7 @@ impl ShardNet {
             }
         };
         if at > 0 {
-            c.last_write_progress = Instant::now();
+            c.last_write_progress = self.now;
         }
         if at < buf.len() {
             c.sending = buf.len() - at;
@@ -818,7 +824,7 @@ impl ShardNet {
         c.inbuf = buf;
         if pos > 0 {
             c.inbuf.drain(..pos);
-            c.first_byte = (!c.inbuf.is_empty()).then(Instant::now);
+            c.first_byte = (!c.inbuf.is_empty()).then_some(self.now);
             if c.inbuf.is_empty() && c.inbuf.capacity() > KEEP_BUF_BYTES {
                 c.inbuf = Vec::new();
             }
@@ -942,7 +948,13 @@ impl ShardNet {
         self.pump_scan(slot, ctx);
         let Some(c) = self.conn(slot) else { return };
         while let Some(front) = c.slots.front_mut() {
-            c.out.append(&mut front.bytes);
+            if c.out.is_empty() {
+                // The answer becomes the output as it is, with no copy (the empty buffer
+                // goes with the slot).
+                std::mem::swap(&mut c.out, &mut front.bytes);
+            } else {
+                c.out.append(&mut front.bytes);
+            }
             if !front.done {
                 break;
             }
@@ -1195,6 +1207,7 @@ impl ShardHook for ShardNet {
             return false;
         };
         let sh = &*sh;
+        self.now = Instant::now();
         if !ctx.sockets() && !self.warned_no_sockets {
             self.warned_no_sockets = true;
             tracing::error!("shard {}: its ring cannot carry sockets; it serves no connections", ctx.shard_id());
@@ -1241,7 +1254,7 @@ impl ShardHook for ShardNet {
             self.dirty.append(&mut self.parked);
         }
         // Before the flushes, so that a move decided now starts in this turn.
-        self.steer(sh, Instant::now());
+        self.steer(sh, self.now);
         let mut dirty = std::mem::take(&mut self.dirty);
         dirty.sort_unstable();
         dirty.dedup();
