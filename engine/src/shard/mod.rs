@@ -207,7 +207,9 @@ pub(crate) struct Shard {
     pending_release: Vec<Vec<u32>>,
     free: Vec<VecDeque<u32>>,
     open: Vec<Option<OpenWb>>,
-    mem: HashMap<(u32, u32), MemWb>,
+    /// Looked up at least once per record read: hashbrown's seeded fast hasher (foldhash)
+    /// rather than std's SipHash. So is `busy`.
+    mem: hashbrown::HashMap<(u32, u32), MemWb>,
     cache: VecDeque<(u32, u32)>,
     cache_limit: usize,
     writes: HashMap<u64, WriteInfo>,
@@ -219,7 +221,7 @@ pub(crate) struct Shard {
     unsynced: Vec<Vec<Digest>>,
     scans: HashMap<u32, ScanJob>,
     next_scan: u32,
-    busy: HashMap<Digest, VecDeque<(Command, Callback)>>,
+    busy: hashbrown::HashMap<Digest, VecDeque<(Command, Callback)>>,
     /// Client writes held back, in arrival order, while free space is about to run out and
     /// defrag is winning some back.
     held: VecDeque<(Command, Callback, Instant)>,
@@ -329,7 +331,7 @@ impl Shard {
             pending_release,
             free,
             open: (0..2 * n_devs).map(|_| None).collect(),
-            mem: HashMap::new(),
+            mem: hashbrown::HashMap::new(),
             cache: VecDeque::new(),
             cache_limit,
             writes: HashMap::new(),
@@ -338,7 +340,7 @@ impl Shard {
             unsynced: vec![Vec::new(); n_devs],
             scans: HashMap::new(),
             next_scan: 0,
-            busy: HashMap::new(),
+            busy: hashbrown::HashMap::new(),
             held: VecDeque::new(),
             flush_waiters: Vec::new(),
             next_tag: 1,
@@ -806,6 +808,10 @@ impl Shard {
     }
 
     fn release_busy(&mut self, digest: Digest) {
+        if self.busy.is_empty() {
+            // The usual case, without hashing the digest.
+            return;
+        }
         let Some(mut q) = self.busy.remove(&digest) else { return };
         while let Some((cmd, cb)) = q.pop_front() {
             self.start_cmd(cmd, cb);
