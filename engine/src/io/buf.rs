@@ -142,7 +142,8 @@ impl WBuf {
         assert!(off >= self.frozen.get(), "write into frozen range at {off}");
         assert!(off + data.len() <= self.len(), "write past the end of the buffer");
         // SAFETY: [off, off+len) is inside the allocation and after the frozen prefix, so no
-        // in-flight I/O reads it, and no reference into it is alive (all access copies).
+        // in-flight I/O reads it, and no reference into it is alive (frozen_slice only
+        // lends the frozen prefix; anything after it is only ever copied).
         unsafe {
             let base = (*self.buf.get()).as_mut_ptr();
             std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(off), data.len());

@@ -47,7 +47,7 @@ use ferrospike_engine::io::{Doorbell, SockCompletion, SockId, SockOp, SockReques
 use ferrospike_engine::{Command, Digest, Reply, ResultCode};
 
 use super::conn::{
-    self, log_close, next_frame, read_window, Close, BATCH_WINDOW, KEEP_BUF_BYTES, SCAN_PAGE, WRITE_TIMEOUT,
+    self, log_close, next_frame, read_window, Close, BATCH_WINDOW, KEEP_BUF_BYTES, READ_CHUNK, SCAN_PAGE, WRITE_TIMEOUT,
 };
 use super::{NetStats, Shared, CONN_STACK_BYTES};
 use crate::proto::batch::{BatchCursor, BatchRows};
@@ -443,8 +443,12 @@ impl ShardNet {
             return;
         }
         let mut buf = std::mem::take(&mut c.rbuf);
-        // Room for the window (never zeroed: the receive fills it); a larger buffer kept
-        // from earlier receives is used whole.
+        if buf.capacity() > READ_CHUNK {
+            // The receive takes the buffer's whole spare capacity: at most READ_CHUNK bytes
+            // a receive, as with the windows of a fresh buffer.
+            buf = Vec::new();
+        }
+        // Room for the window, never zeroed: the receive fills it.
         buf.clear();
         buf.reserve(read_window(&c.inbuf));
         let req = SockRequest { token: TOKEN_RECV | slot as u64, fd: c.sock.as_raw_fd(), op: SockOp::Recv { buf } };
@@ -948,9 +952,9 @@ impl ShardNet {
         self.pump_scan(slot, ctx);
         let Some(c) = self.conn(slot) else { return };
         while let Some(front) = c.slots.front_mut() {
-            if c.out.is_empty() {
+            if c.out.is_empty() && c.out.capacity() <= front.bytes.capacity() {
                 // The answer becomes the output as it is, with no copy (the empty buffer
-                // goes with the slot).
+                // goes with the slot). A larger one (kept from earlier sends) is kept.
                 std::mem::swap(&mut c.out, &mut front.bytes);
             } else {
                 c.out.append(&mut front.bytes);
