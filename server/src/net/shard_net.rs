@@ -238,7 +238,7 @@ struct NetConn {
     recv: Option<SockId>,
     /// The receive was asked to end early (before a hand-over).
     recv_cancelled: bool,
-    /// A receive buffer not in use.
+    /// A receive buffer not in use: always empty, capacity at most READ_CHUNK.
     rbuf: Vec<u8>,
     /// The send in flight, if any, and the bytes it has left to send.
     send: Option<SockId>,
@@ -442,14 +442,8 @@ impl ShardNet {
             self.parked.push(slot);
             return;
         }
+        // Empty, and room for the window, never zeroed: the receive fills it.
         let mut buf = std::mem::take(&mut c.rbuf);
-        if buf.capacity() > READ_CHUNK {
-            // The receive takes the buffer's whole spare capacity: at most READ_CHUNK bytes
-            // a receive, as with the windows of a fresh buffer.
-            buf = Vec::new();
-        }
-        // Room for the window, never zeroed: the receive fills it.
-        buf.clear();
         buf.reserve(read_window(&c.inbuf));
         let req = SockRequest { token: TOKEN_RECV | slot as u64, fd: c.sock.as_raw_fd(), op: SockOp::Recv { buf } };
         c.recv = Some(ctx.push_sock(req));
@@ -496,7 +490,9 @@ impl ShardNet {
                     c.inbuf.extend_from_slice(&buf);
                 }
                 buf.clear();
-                if buf.capacity() <= KEEP_BUF_BYTES {
+                // A receive takes its buffer's whole spare capacity: one grown past
+                // READ_CHUNK (for a large request) is not kept, so that no receive takes more.
+                if buf.capacity() <= READ_CHUNK {
                     c.rbuf = buf;
                 }
                 if !throttled(c, sh, ctx) {
