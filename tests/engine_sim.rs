@@ -833,6 +833,20 @@ fn defrag_activity(engine: &Engine) -> (u64, u64, u64) {
     (st.defrag_reads, st.defrag_write_bytes, st.device_writes)
 }
 
+/// Wait (10 s at most) until defrag has done nothing for 400 ms. On a loaded machine defrag
+/// may start on a wblock before the last overwrites of its records (their copies then die
+/// in its output, which qualifies in turn and is moved once more, legitimately); a defrag
+/// that never stops fails here.
+#[track_caller]
+fn wait_for_defrag_rest(engine: &Engine, when: &str) {
+    let mut last = defrag_activity(engine);
+    wait_for(&format!("defrag comes to rest {when}"), || {
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        let now = defrag_activity(engine);
+        std::mem::replace(&mut last, now) == now
+    });
+}
+
 /// With no client activity, defrag is at rest: over 400 ms (four looks for candidates at
 /// least: an idle shard wakes every 100 ms) it reads and copies nothing, and nothing is
 /// written.
@@ -873,15 +887,14 @@ fn defrag_comes_to_rest_once_nothing_qualifies() {
     }
     engine.flush();
     wait_for("defrag moves the sparse wblock", || engine.stats().defrag_reads > 0);
-    // Time for the copies' write to complete and the source to be freed.
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    wait_for_defrag_rest(&engine, "after moving the sparse wblock");
     assert_defrag_at_rest(&engine, "after moving the sparse wblock");
     check_latest(&engine, &latest, "after defrag");
     engine.shutdown().unwrap();
     drop(engine);
     let engine = open(&disks, c);
     check_latest(&engine, &latest, "after the restart");
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    wait_for_defrag_rest(&engine, "after the restart");
     assert_defrag_at_rest(&engine, "after the restart");
     // The wblocks the client and defrag streams had open are now used ones like any other,
     // both sparse here: each is moved once. (The defrag copies' originals, still in their
@@ -938,15 +951,7 @@ fn a_restart_serves_defrag_copies_not_their_freed_originals() {
     let source_seq = scan_wblock(&disks[0], source, wb).seq;
     thin_out(&engine, &keys, &mut ver, &mut latest);
     wait_for("defrag moves the sparse wblock", || engine.stats().defrag_reads > 0);
-    // On a loaded machine defrag may have started on the source before the last overwrites
-    // (the copies of those die in its output, which then qualifies in turn): wait until it
-    // has nothing left to do.
-    let mut last = defrag_activity(&engine);
-    wait_for("defrag comes to rest", || {
-        std::thread::sleep(std::time::Duration::from_millis(400));
-        let now = defrag_activity(&engine);
-        std::mem::replace(&mut last, now) == now
-    });
+    wait_for_defrag_rest(&engine, "after moving the sparse wblock");
     restart_without_source(engine, &disks, &c, (source, source_seq), &latest);
 }
 
