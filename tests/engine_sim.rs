@@ -863,16 +863,18 @@ fn assert_defrag_at_rest(engine: &Engine, when: &str) {
 
 /// Defrag's own output is not its next candidate. Once defrag has moved the records of
 /// the one sparse wblock into its output wblock (which they fill to less than
-/// `defrag-lwm-pct`) and nothing else qualifies, it comes to rest: it seals that output
-/// wblock, which, sparse and out of the post-write cache at once here, would otherwise
-/// qualify in turn and have the same records moved from wblock to wblock for ever (a
-/// wblock read and a synced write each time), but does not take it until some of its live
-/// bytes go. Every record reads back its latest version, also after a
-/// restart, after which defrag comes to rest again.
+/// `defrag-lwm-pct`) and nothing else qualifies, it comes to rest. When nothing has
+/// qualified for `defrag_idle_seal_ms` it seals that output wblock, which, sparse and out
+/// of the post-write cache at once here (its moved records are then read from the
+/// device), would otherwise qualify in turn and have the same records moved from wblock to
+/// wblock for ever (a wblock read and a synced write each time), but does not take it
+/// until some of its live bytes go. Every record reads back its latest version, also after
+/// a restart, after which defrag comes to rest again.
 #[test]
 fn defrag_comes_to_rest_once_nothing_qualifies() {
     common::init_logs();
-    let (disks, c) = small_defrag_setup();
+    let (disks, mut c) = small_defrag_setup();
+    c.defrag_idle_seal_ms = 1000;
     let wb = c.wblock_bytes as u64;
     let engine = open(&disks, c.clone());
     let (mut latest, mut ver) = put_200(&engine);
@@ -890,6 +892,12 @@ fn defrag_comes_to_rest_once_nothing_qualifies() {
     wait_for_defrag_rest(&engine, "after moving the sparse wblock");
     assert_defrag_at_rest(&engine, "after moving the sparse wblock");
     check_latest(&engine, &latest, "after defrag");
+    let device_reads = engine.stats().device_reads;
+    wait_for("the idle output is sealed, and a moved record read from the device", || {
+        assert_eq!(get_v(&engine, keys[0]), Ok(latest[&keys[0]]));
+        engine.stats().device_reads > device_reads
+    });
+    assert_defrag_at_rest(&engine, "once the output is sealed");
     engine.shutdown().unwrap();
     drop(engine);
     let engine = open(&disks, c);
@@ -1317,4 +1325,55 @@ fn a_scan_from_a_hook_sees_the_writes_submitted_before_it() {
         assert!(page.records.iter().all(|r| r.set == "brand_new"), "partition {pid}: {:?}", page.records);
     }
     engine.shutdown().expect("clean shutdown");
+}
+
+/// Defrag does not move records round the post-write cache. When the wblocks in the cache
+/// are sparse too, sealing a partly filled output the moment nothing qualifies retired it
+/// to the cache, which pushed its oldest (sparse) wblock out; that one qualified next and
+/// went into a new output, sealed in turn, and so on through the whole cache: a wblock read
+/// and a synced write for each wblock freed and another one used, after every burst of
+/// updates (about six a second, for minutes, after an 8 s RU,50 run with a 1 GiB cache).
+/// Now the output stays open for the next candidates until nothing has qualified for
+/// `defrag_idle_seal_ms`: every output defrag opens is filled, but for the last one and
+/// those sealed early for being older than their source.
+#[test]
+fn defrag_fills_its_outputs_instead_of_churning_through_the_cache() {
+    common::init_logs();
+    let mut c = cfg(1);
+    c.defrag_sleep_us = 0;
+    let wb = c.wblock_bytes as u64;
+    // 40 of the 127 data wblocks of 128 KiB stay in memory.
+    c.post_write_cache_bytes = 40 * wb;
+    let disks = disks(1, 16 << 20);
+    let engine = open(&disks, c);
+    let mut latest = Latest::new();
+    let mut ver = 0;
+    // Round r writes the keys of 0..1280 that are ≥ r mod 8 (about 16, 14, ..., 4 wblocks
+    // for r = 0..6), so that the wblocks of every round but the last keep an eighth or so
+    // of their bytes live: sparse, and 36 of them still in the cache at the end.
+    for round in 0..7u64 {
+        for key in (0..1280u64).filter(|k| k % 8 >= round) {
+            ver += 1;
+            put_vp(&engine, key, ver);
+            latest.insert(key, Some(ver));
+        }
+    }
+    engine.flush();
+    wait_for("defrag starts", || engine.stats().defrag_reads > 0);
+    wait_for_defrag_rest(&engine, "after the updates");
+    let st = engine.stats();
+    let usable = wb - ferrospike_engine::format::WBLOCK_HEADER_BYTES as u64;
+    let filled = st.defrag_write_bytes.div_ceil(usable);
+    eprintln!(
+        "{} wblocks defragged, {} bytes moved ({} wblocks' worth), {} outputs ({} sealed early)",
+        st.defrag_reads, st.defrag_write_bytes, filled, st.defrag_writes, st.defrag_outputs_sealed_early
+    );
+    assert!(st.defrag_reads >= 20, "the sparse wblocks out of the cache were moved: {st:?}");
+    assert!(
+        st.defrag_writes <= filled + 1 + st.defrag_outputs_sealed_early,
+        "{} outputs for {} bytes moved: defrag sealed outputs it could have filled",
+        st.defrag_writes,
+        st.defrag_write_bytes
+    );
+    check_latest(&engine, &latest, "after defrag");
 }

@@ -30,6 +30,10 @@ pub struct EngineConfig {
     /// `defrag-sleep`: pause between two defragmented wblocks, in microseconds (bounds the
     /// share of the device defrag takes).
     pub defrag_sleep_us: u64,
+    /// How long nothing must have qualified for defrag before the defrag streams' partly
+    /// filled output wblocks are sealed, in milliseconds (until then the next candidates
+    /// fill them).
+    pub defrag_idle_seal_ms: u64,
     /// Free wblocks per device and shard that only defrag may use.
     pub defrag_reserve_wblocks: usize,
     /// How long defrag leaves a wblock whose read failed before reading it again, in
@@ -66,6 +70,7 @@ impl EngineConfig {
             default_ttl_secs: 0,
             defrag_lwm_pct: 50,
             defrag_sleep_us: 1000,
+            defrag_idle_seal_ms: 30_000,
             defrag_reserve_wblocks: 2,
             defrag_retry_unreadable_ms: 30_000,
             stop_writes_avail_pct: 5,

@@ -208,6 +208,7 @@ pub(crate) struct ShardStats {
     pub defrag_reads: AtomicU64,
     pub defrag_read_errors: AtomicU64,
     pub defrag_outputs_sealed_early: AtomicU64,
+    pub defrag_writes: AtomicU64,
     pub defrag_read_bytes: AtomicU64,
     pub defrag_write_bytes: AtomicU64,
     pub defrag_queue: AtomicU64,
@@ -264,6 +265,8 @@ pub struct EngineStats {
     /// Defrag output wblocks sealed before they were full because they were opened before
     /// the wblock to be moved (copies must land in a later wblock than their source).
     pub defrag_outputs_sealed_early: u64,
+    /// Output wblocks defrag has opened (each is written as it fills, and when it is sealed).
+    pub defrag_writes: u64,
     pub defrag_read_bytes: u64,
     pub defrag_write_bytes: u64,
     /// Device bytes written per client byte written.
@@ -320,6 +323,7 @@ impl EngineStats {
             s.defrag_reads += st.defrag_reads.load(Relaxed);
             s.defrag_read_errors += st.defrag_read_errors.load(Relaxed);
             s.defrag_outputs_sealed_early += st.defrag_outputs_sealed_early.load(Relaxed);
+            s.defrag_writes += st.defrag_writes.load(Relaxed);
             s.defrag_read_bytes += st.defrag_read_bytes.load(Relaxed);
             s.defrag_write_bytes += st.defrag_write_bytes.load(Relaxed);
             s.expired += st.expired.load(Relaxed);

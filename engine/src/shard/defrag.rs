@@ -11,8 +11,9 @@
 //!   repointed. The copies are written with RWF_DSYNC and the source's bytes are released
 //!   only when they complete, so the source returns to the free list only once every copy
 //!   made from it is durable. The defrag stream's open wblock is sealed when full, or when
-//!   nothing qualifies; sealed sparse then, it is not a candidate until some of its live
-//!   bytes go (else it would be defragmented into a new wblock, and so on). `defrag-sleep`
+//!   nothing has qualified for `defrag_idle_seal_ms` (not at once: see `defrag_tick`);
+//!   sealed sparse then, it is not a candidate until some of its live bytes go (else it
+//!   would be defragmented into a new wblock, and so on). `defrag-sleep`
 //!   separates two wblocks, bounding defrag's share of the device. The wblock read is walked a slice at a time, one slice per loop turn,
 //!   so verifying and copying a whole wblock (up to a millisecond of work) never holds the
 //!   shard's clients up for more than a slice's worth; the wblock cannot be freed, and so
@@ -64,6 +65,9 @@ pub(super) struct DefragState {
     /// The buffer pieces are read into, kept between reads.
     piece: Option<AlignedBuf>,
     next_at: Option<Instant>,
+    /// Since when no wblock has qualified (None while defrag has work): the defrag
+    /// streams' open outputs are sealed once this is `defrag_idle_seal_ms` old.
+    idle_since: Option<Instant>,
     /// When `defrag_reclaiming` last flushed open wblocks or looked for candidates.
     last_look: Option<Instant>,
     /// The wblock being walked (read in full, state `Defrag`).
@@ -213,22 +217,33 @@ impl Shard {
         if self.defrag.queue.is_empty() {
             self.refill_defrag_queue();
             if self.defrag.queue.is_empty() {
-                // Nothing qualifies: retire the defrag streams' partly filled wblocks, so the
-                // copies in them can age out like any other data (a dead copy in a wblock
-                // left open would hold back tombstone collection: its sequence bounds the
-                // oldest data on the device until the wblock is freed). A sparse one is
+                // Nothing qualifies. The defrag streams' partly filled outputs stay open for
+                // the next candidates. Sealing one now would retire it to the post-write
+                // cache and push the cache's oldest wblock out; when that one is sparse it
+                // qualifies next, goes into a new output that is sealed in turn, and so on
+                // through the whole cache: a wblock read and a synced write for every wblock
+                // freed and another one used (what followed every burst of updates before).
+                //
+                // Once nothing has qualified for `defrag_idle_seal_ms` they are sealed, so
+                // that the copies in them can age out like any other data (a dead copy in a
+                // wblock left open would hold back tombstone collection: its sequence bounds
+                // the oldest data on the device until the wblock is freed). A sparse one is
                 // remembered with its live bytes and is not a candidate until some of them go:
                 // else it would be defragmented as soon as it left the post-write cache, into
-                // a new output wblock sealed sparse in turn, and so on for ever, the same
-                // records moved round, a wblock read and a synced write each time. Look again
-                // a little later.
-                for d in 0..self.wstate.len() {
-                    self.seal_defrag_output(d as u32);
+                // a new output wblock sealed sparse in turn, and so on for ever. Look again a
+                // little later.
+                let now = Instant::now();
+                let idle_since = *self.defrag.idle_since.get_or_insert(now);
+                if now.duration_since(idle_since) >= Duration::from_millis(self.shared.cfg.defrag_idle_seal_ms) {
+                    for d in 0..self.wstate.len() {
+                        self.seal_defrag_output(d as u32);
+                    }
                 }
-                self.defrag.next_at = Some(Instant::now() + Duration::from_millis(20));
+                self.defrag.next_at = Some(now + Duration::from_millis(20));
                 return;
             }
         }
+        self.defrag.idle_since = None;
         while let Some((dev, w)) = self.defrag.queue.pop_front() {
             if !self.defrag_eligible(dev, w) || self.unreadable_lately(dev, w) {
                 continue;

@@ -66,7 +66,11 @@ impl Shard {
             digests: Vec::new(),
             commit_inflight: 0,
         });
-        self.shared.stats[self.id].free_wblocks.fetch_sub(1, Relaxed);
+        let stats = &self.shared.stats[self.id];
+        stats.free_wblocks.fetch_sub(1, Relaxed);
+        if stream == DEFRAG {
+            stats.defrag_writes.fetch_add(1, Relaxed);
+        }
         Ok(())
     }
 

@@ -122,6 +122,7 @@ impl InfoSource for Shared {
             kv("defrag_reads", s.defrag_reads.to_string()),
             kv("defrag_read_errors", s.defrag_read_errors.to_string()),
             kv("defrag_outputs_sealed_early", s.defrag_outputs_sealed_early.to_string()),
+            kv("defrag_writes", s.defrag_writes.to_string()),
             kv("defrag_read_bytes", s.defrag_read_bytes.to_string()),
             kv("defrag_write_bytes", s.defrag_write_bytes.to_string()),
             kv("client_write_bytes", s.client_write_bytes.to_string()),
