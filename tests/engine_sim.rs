@@ -632,10 +632,12 @@ fn put_200(engine: &Engine) -> (Latest, i64) {
 }
 
 /// One 4 MiB sim disk (31 data wblocks of 128 KiB) and a one-shard config whose defrag
-/// does not pause between wblocks.
+/// does not pause between wblocks and looks for candidates in two steps.
 fn small_defrag_setup() -> (Vec<SimDisk>, EngineConfig) {
     let mut c = cfg(1);
     c.defrag_sleep_us = 0;
+    // Two looks for candidates per pass, as on a device of more than 2^16 wblocks.
+    c.defrag_look_wblocks = 16;
     (disks(1, 4 << 20), c)
 }
 
@@ -1344,6 +1346,8 @@ fn defrag_fills_its_outputs_instead_of_churning_through_the_cache() {
     let wb = c.wblock_bytes as u64;
     // 40 of the 127 data wblocks of 128 KiB stay in memory.
     c.post_write_cache_bytes = 40 * wb;
+    // Two looks for candidates per pass, as on a device of more than 2^16 wblocks.
+    c.defrag_look_wblocks = 64;
     let disks = disks(1, 16 << 20);
     let engine = open(&disks, c);
     let mut latest = Latest::new();
@@ -1375,5 +1379,40 @@ fn defrag_fills_its_outputs_instead_of_churning_through_the_cache() {
         st.defrag_writes,
         st.defrag_write_bytes
     );
+    check_latest(&engine, &latest, "after defrag");
+}
+
+/// An idle defrag looks for candidates a share of the device at a time
+/// (`defrag_look_wblocks`, 3 here), and a pass made of many looks misses none: every
+/// wblock left a quarter live is moved.
+#[test]
+fn a_pass_for_candidates_in_many_looks_finds_every_one() {
+    common::init_logs();
+    let mut c = cfg(1);
+    c.defrag_sleep_us = 0;
+    c.defrag_look_wblocks = 3;
+    let wb = c.wblock_bytes as u64;
+    let disks = disks(1, 4 << 20);
+    let engine = open(&disks, c);
+    let mut latest = Latest::new();
+    for key in 0..960u64 {
+        put_vp(&engine, key, 1);
+        latest.insert(key, Some(1));
+    }
+    engine.flush();
+    let mut originals: Vec<u32> = (0..960).map(|k| wblock_of(&disks[0], wb, k)).collect();
+    originals.sort_unstable();
+    originals.dedup();
+    assert!(originals.len() >= 10, "the keys fill several wblocks: {originals:?}");
+    for key in (0..960u64).filter(|k| k % 4 != 0) {
+        put_vp(&engine, key, 2);
+        latest.insert(key, Some(2));
+    }
+    engine.flush();
+    // The last of them may hold enough of the new writes not to qualify.
+    let want = originals.len() as u64 - 1;
+    wait_for(&format!("defrag moves at least {want} of the wblocks {originals:?}"), || {
+        engine.stats().defrag_reads >= want
+    });
     check_latest(&engine, &latest, "after defrag");
 }

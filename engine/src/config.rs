@@ -34,6 +34,9 @@ pub struct EngineConfig {
     /// filled output wblocks are sealed, in milliseconds (until then the next candidates
     /// fill them).
     pub defrag_idle_seal_ms: u64,
+    /// Wblocks an idle defrag examines per look for candidates (every 20 ms at most): a
+    /// pass over a larger device is spread over several looks.
+    pub defrag_look_wblocks: usize,
     /// Free wblocks per device and shard that only defrag may use.
     pub defrag_reserve_wblocks: usize,
     /// How long defrag leaves a wblock whose read failed before reading it again, in
@@ -71,6 +74,7 @@ impl EngineConfig {
             defrag_lwm_pct: 50,
             defrag_sleep_us: 1000,
             defrag_idle_seal_ms: 30_000,
+            defrag_look_wblocks: 1 << 16,
             defrag_reserve_wblocks: 2,
             defrag_retry_unreadable_ms: 30_000,
             stop_writes_avail_pct: 5,

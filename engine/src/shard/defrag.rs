@@ -65,6 +65,8 @@ pub(super) struct DefragState {
     /// The buffer pieces are read into, kept between reads.
     piece: Option<AlignedBuf>,
     next_at: Option<Instant>,
+    /// The pass for candidates under way, a share of the wblocks per look.
+    pass: Pass,
     /// Since when no wblock has qualified (None while defrag has work): the defrag
     /// streams' open outputs are sealed once this is `defrag_idle_seal_ms` old.
     idle_since: Option<Instant>,
@@ -79,6 +81,15 @@ pub(super) struct DefragState {
     /// before the next wblock to move), with their live bytes then: not candidates until
     /// some of those bytes go, or they are freed.
     pub(super) rested: HashMap<(u32, u32), u32>,
+}
+
+/// Where an idle defrag's pass for candidates has got to, and what it found so far
+/// (live bytes, device, wblock).
+#[derive(Default)]
+struct Pass {
+    dev: usize,
+    w: usize,
+    found: Vec<(u32, u32, u32)>,
 }
 
 pub(super) struct DefragJob {
@@ -169,15 +180,57 @@ impl Shard {
             && self.defrag.rested.get(&(dev, w)).is_none_or(|&at| self.shared.live(dev, w) < at)
     }
 
+    /// Queue the emptiest candidates of the whole of this shard's devices (at once: for a
+    /// shard short of space).
     fn refill_defrag_queue(&mut self) {
-        let mut found: Vec<(u32, u32, u32)> = Vec::new();
+        let mut found = Vec::new();
         for d in 0..self.wstate.len() {
-            for w in 1..self.wstate[d].len() {
-                if self.defrag_eligible(d as u32, w as u32) && !self.unreadable_lately(d as u32, w as u32) {
-                    found.push((self.shared.live(d as u32, w as u32), d as u32, w as u32));
-                }
+            self.find_candidates(d, 1..self.wstate[d].len(), &mut found);
+        }
+        self.enqueue_emptiest(found);
+    }
+
+    /// The idle defrag's look for candidates: the next `defrag_look_wblocks` wblocks of the
+    /// pass under way, and when that ends the pass, its emptiest candidates queued. A look
+    /// that does not end a pass queues nothing. A pass over a large device is so spread
+    /// over several looks, and no loop turn spends more than a bounded time on it: a whole
+    /// pass over the 2^20 wblocks of a 1 TiB device every 20 ms took the p99 of cached
+    /// reads from 0.45 to 2.1 ms.
+    fn look_for_candidates(&mut self) {
+        let mut pass = std::mem::take(&mut self.defrag.pass);
+        let mut budget = self.shared.cfg.defrag_look_wblocks.max(1);
+        while pass.dev < self.wstate.len() && budget > 0 {
+            let from = pass.w.max(1);
+            let to = (from + budget).min(self.wstate[pass.dev].len());
+            self.find_candidates(pass.dev, from..to, &mut pass.found);
+            budget -= to.saturating_sub(from).max(1);
+            if to >= self.wstate[pass.dev].len() {
+                pass.dev += 1;
+                pass.w = 1;
+            } else {
+                pass.w = to;
             }
         }
+        if pass.dev < self.wstate.len() {
+            self.defrag.pass = pass;
+        } else {
+            self.enqueue_emptiest(pass.found);
+        }
+    }
+
+    /// The defrag candidates among wblocks `ws` of device `d`, as (live bytes, device, wblock).
+    fn find_candidates(&self, d: usize, ws: std::ops::Range<usize>, found: &mut Vec<(u32, u32, u32)>) {
+        for w in ws {
+            if self.wstate[d][w] == WState::Used
+                && self.defrag_eligible(d as u32, w as u32)
+                && !self.unreadable_lately(d as u32, w as u32)
+            {
+                found.push((self.shared.live(d as u32, w as u32), d as u32, w as u32));
+            }
+        }
+    }
+
+    fn enqueue_emptiest(&mut self, mut found: Vec<(u32, u32, u32)>) {
         found.sort_unstable();
         self.defrag.queue.extend(found.into_iter().take(QUEUE_REFILL).map(|(_, d, w)| (d, w)));
         self.shared.stats[self.id].defrag_queue.store(self.defrag.queue.len() as u64, Relaxed);
@@ -215,9 +268,9 @@ impl Shard {
             return;
         }
         if self.defrag.queue.is_empty() {
-            self.refill_defrag_queue();
+            self.look_for_candidates();
             if self.defrag.queue.is_empty() {
-                // Nothing qualifies. The defrag streams' partly filled outputs stay open for
+                // Nothing qualifies (or the pass has not ended yet). The defrag streams' partly filled outputs stay open for
                 // the next candidates. Sealing one now would retire it to the post-write
                 // cache and push the cache's oldest wblock out; when that one is sparse it
                 // qualifies next, goes into a new output that is sealed in turn, and so on
