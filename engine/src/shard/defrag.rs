@@ -43,6 +43,9 @@ const HOLD_MARGIN_WBLOCKS: usize = 4;
 /// How often a shard short of space with no defrag under way looks for candidates.
 const LOOK_EVERY: Duration = Duration::from_millis(20);
 
+/// How long a defrag walk goes on with the same data floor (`cached_data_floor`).
+const FLOOR_EVERY: Duration = Duration::from_secs(1);
+
 /// Most wblocks taken into the queue per refill.
 const QUEUE_REFILL: usize = 64;
 
@@ -67,6 +70,8 @@ pub(super) struct DefragState {
     next_at: Option<Instant>,
     /// The pass for candidates under way, a share of the wblocks per look.
     pass: Pass,
+    /// `Shared::data_floor` and when it was computed (`cached_data_floor`).
+    floor: Option<(Instant, u64)>,
     /// Since when no wblock has qualified (None while defrag has work): the defrag
     /// streams' open outputs are sealed once this is `defrag_idle_seal_ms` old.
     idle_since: Option<Instant>,
@@ -392,7 +397,7 @@ impl Shard {
         let (dev, w) = (job.dev, job.w);
         let wb = self.wb();
         let device_id = self.shared.devs[dev as usize].header.device_id;
-        let floor = self.shared.data_floor(self.id);
+        let floor = self.cached_data_floor();
         let shared = self.shared.clone();
         let stats = &shared.stats[self.id];
         let slice_end = job.pos + SLICE_BYTES;
@@ -471,6 +476,24 @@ impl Shard {
         // Make the copies durable now, so the source can be freed.
         self.flush(slot(dev, DEFRAG), true);
         self.maybe_free(dev, w);
+    }
+
+    /// `Shared::data_floor`, computed at most once a `FLOOR_EVERY`: it goes over every
+    /// wblock of every device (2^20 of them on a 1 TiB device, milliseconds of work), and a
+    /// defrag walk needs it for every slice. A floor up to that old is safe to drop
+    /// tombstones below: for the records of this shard's partitions it only ever rises (a
+    /// wblock's floor is let go of only when it is freed or rewritten durably, and a defrag
+    /// copy keeps its sequence, at or above its source's floor, which the source holds until
+    /// the copy is durable), so an older value is at most the current one.
+    fn cached_data_floor(&mut self) -> u64 {
+        match self.defrag.floor {
+            Some((at, floor)) if at.elapsed() < FLOOR_EVERY => floor,
+            _ => {
+                let floor = self.shared.data_floor(self.id);
+                self.defrag.floor = Some((Instant::now(), floor));
+                floor
+            }
+        }
     }
 
     /// The expiry sweep: expired records leave (fresh ones) or become tombstones; tombstones
