@@ -82,7 +82,7 @@ pub(super) struct DefragState {
     /// Wblocks whose defrag read failed, and when: left alone for
     /// `defrag_retry_unreadable_ms`, or until they are freed.
     pub(super) unreadable: HashMap<(u32, u32), Instant>,
-    /// Defrag's own output wblocks, sealed sparse (when nothing qualified, or when opened
+    /// Defrag's own output wblocks, sealed sparse (when defrag had been idle, or when opened
     /// before the next wblock to move), with their live bytes then: not candidates until
     /// some of those bytes go, or they are freed.
     pub(super) rested: HashMap<(u32, u32), u32>,
@@ -275,25 +275,34 @@ impl Shard {
         if self.defrag.queue.is_empty() {
             self.look_for_candidates();
             if self.defrag.queue.is_empty() {
-                // Nothing qualifies (or the pass has not ended yet). The defrag streams' partly filled outputs stay open for
-                // the next candidates. Sealing one now would retire it to the post-write
-                // cache and push the cache's oldest wblock out; when that one is sparse it
-                // qualifies next, goes into a new output that is sealed in turn, and so on
-                // through the whole cache: a wblock read and a synced write for every wblock
-                // freed and another one used (what followed every burst of updates before).
+                // Nothing qualifies (or the pass has not ended yet). The defrag streams'
+                // partly filled outputs stay open for the next candidates. Sealing one now
+                // would retire it to the post-write cache and push the cache's oldest
+                // wblock out; when that one is sparse it qualifies next, goes into a new
+                // output that is sealed in turn, and so on through the whole cache: a
+                // wblock read and a synced write for every wblock freed and another one used
+                // (what followed every burst of updates before).
                 //
-                // Once nothing has qualified for `defrag_idle_seal_ms` they are sealed, so
-                // that the copies in them can age out like any other data (a dead copy in a
-                // wblock left open would hold back tombstone collection: its sequence bounds
-                // the oldest data on the device until the wblock is freed). A sparse one is
-                // remembered with its live bytes and is not a candidate until some of them go:
-                // else it would be defragmented as soon as it left the post-write cache, into
-                // a new output wblock sealed sparse in turn, and so on for ever. Look again a
-                // little later.
+                // They are sealed once nothing has qualified for `defrag_idle_seal_ms`, or
+                // one has been open that long, so that the copies in them can age out like
+                // any other data (a dead copy in a wblock left open holds back tombstone
+                // collection: its sequence bounds the oldest data on the device until the
+                // wblock is freed). One whose copies have all died is sealed at once when
+                // space is short, so that it is freed (not one still holding some: that
+                // would use a wblock per candidate just when space is short). A sparse one
+                // is remembered with its live bytes and is not a candidate until some of
+                // them go: else it would be defragmented as soon as it left the post-write
+                // cache, into a new output wblock sealed sparse in turn, and so on for ever.
+                // Look again a little later.
                 let now = Instant::now();
                 let idle_since = *self.defrag.idle_since.get_or_insert(now);
-                if now.duration_since(idle_since) >= Duration::from_millis(self.shared.cfg.defrag_idle_seal_ms) {
-                    for d in 0..self.wstate.len() {
+                let limit = Duration::from_millis(self.shared.cfg.defrag_idle_seal_ms);
+                let idle = now.duration_since(idle_since) >= limit;
+                let short = self.space_short();
+                for d in 0..self.wstate.len() {
+                    let Some(o) = self.open[slot(d as u32, DEFRAG)].as_ref() else { continue };
+                    let dead = self.shared.live(o.dev, o.w) == 0;
+                    if idle || now.duration_since(o.opened) >= limit || (short && dead) {
                         self.seal_defrag_output(d as u32);
                     }
                 }
@@ -481,15 +490,19 @@ impl Shard {
     /// `Shared::data_floor`, computed at most once a `FLOOR_EVERY`: it goes over every
     /// wblock of every device (2^20 of them on a 1 TiB device, milliseconds of work), and a
     /// defrag walk needs it for every slice. A floor up to that old is safe to drop
-    /// tombstones below: for the records of this shard's partitions it only ever rises (a
-    /// wblock's floor is let go of only when it is freed or rewritten durably, and a defrag
-    /// copy keeps its sequence, at or above its source's floor, which the source holds until
-    /// the copy is durable), so an older value is at most the current one.
+    /// tombstones below: it only ever rises (a wblock's floor is let go of only when its
+    /// next use's first write is durable, a wblock's writer only goes from none, an earlier
+    /// run, to its owner, which counted it already, and a defrag copy keeps its sequence, at
+    /// or above its source's floor, which the source holds until the copy is durable), except
+    /// from u64::MAX, when no data is counted at all, to the first record written after:
+    /// hence the cap at the next record sequence, below which no record can be written.
     fn cached_data_floor(&mut self) -> u64 {
         match self.defrag.floor {
             Some((at, floor)) if at.elapsed() < FLOOR_EVERY => floor,
             _ => {
-                let floor = self.shared.data_floor(self.id);
+                // Capped at the next record sequence: with no data counted at all the floor
+                // is u64::MAX, and a record written within the second would be below it.
+                let floor = self.shared.data_floor(self.id).min(self.next_seq);
                 self.defrag.floor = Some((Instant::now(), floor));
                 floor
             }

@@ -144,6 +144,8 @@ struct OpenWb {
     digests: Vec<Digest>,
     /// Group-commit writes of this wblock in flight.
     commit_inflight: u32,
+    /// When it was opened (a defrag output open this long is sealed once nothing qualifies).
+    opened: Instant,
 }
 
 struct MemWb {

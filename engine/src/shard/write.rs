@@ -65,6 +65,7 @@ impl Shard {
             releases: Vec::new(),
             digests: Vec::new(),
             commit_inflight: 0,
+            opened: Instant::now(),
         });
         let stats = &self.shared.stats[self.id];
         stats.free_wblocks.fetch_sub(1, Relaxed);
