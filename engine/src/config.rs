@@ -30,9 +30,9 @@ pub struct EngineConfig {
     /// `defrag-sleep`: pause between two defragmented wblocks, in microseconds (bounds the
     /// share of the device defrag takes).
     pub defrag_sleep_us: u64,
-    /// How long nothing must have qualified for defrag before the defrag streams' partly
-    /// filled output wblocks are sealed, in milliseconds (until then the next candidates
-    /// fill them).
+    /// How long nothing must have qualified for defrag, or a defrag output wblock must have
+    /// been open, before the defrag streams' partly filled outputs are sealed, in
+    /// milliseconds (until then the next candidates fill them).
     pub defrag_idle_seal_ms: u64,
     /// Wblocks an idle defrag examines per look for candidates (every 20 ms at most): a
     /// pass over a larger device is spread over several looks.

@@ -11,10 +11,11 @@
 //!   repointed. The copies are written with RWF_DSYNC and the source's bytes are released
 //!   only when they complete, so the source returns to the free list only once every copy
 //!   made from it is durable. The defrag stream's open wblock is sealed when full, or when
-//!   nothing has qualified for `defrag_idle_seal_ms` (not at once: see `defrag_tick`);
-//!   sealed sparse then, it is not a candidate until some of its live bytes go (else it
-//!   would be defragmented into a new wblock, and so on). `defrag-sleep`
-//!   separates two wblocks, bounding defrag's share of the device. The wblock read is walked a slice at a time, one slice per loop turn,
+//!   nothing has qualified for `defrag_idle_seal_ms` or it has been open that long (not at
+//!   once: see `defrag_tick`); sealed sparse then, it is not a candidate until some of its
+//!   live bytes go (else it would be defragmented into a new wblock, and so on).
+//!   `defrag-sleep` separates two wblocks, bounding defrag's share of the device. The
+//!   wblock read is walked a slice at a time, one slice per loop turn,
 //!   so verifying and copying a whole wblock (up to a millisecond of work) never holds the
 //!   shard's clients up for more than a slice's worth; the wblock cannot be freed, and so
 //!   reused, until its walk ends.
