@@ -1417,3 +1417,62 @@ fn a_pass_for_candidates_in_many_looks_finds_every_one() {
     });
     check_latest(&engine, &latest, "after defrag");
 }
+
+/// A defrag output is sealed once it has been open `defrag_idle_seal_ms`, even while
+/// candidates keep coming, each of which keeps defrag from being idle: else the dead copies
+/// in it could hold tombstone collection back for as long as such a trickle lasts. The
+/// candidates here are wblocks left one record live each, pushed out of the post-write
+/// cache one every 100 ms or so by new writes; all were written before the output was
+/// opened, so none has it sealed early. Each one moved takes 4 KiB of the output (its
+/// record, padded by the synced flush), so the output is far from full when it is sealed.
+#[test]
+fn a_defrag_output_open_too_long_is_sealed_though_candidates_keep_coming() {
+    common::init_logs();
+    let mut c = cfg(1);
+    c.defrag_sleep_us = 0;
+    c.defrag_idle_seal_ms = 400;
+    let wb = c.wblock_bytes as u64;
+    c.post_write_cache_bytes = 16 * wb;
+    let disks = disks(1, 16 << 20);
+    let engine = open(&disks, c);
+    let mut latest = Latest::new();
+    // About 24 wblocks of keys, then all but one key in 80 deleted.
+    for k in 0..1920u64 {
+        put_vp(&engine, k, 1);
+        latest.insert(k, Some(1));
+    }
+    engine.flush();
+    for k in (0..1920u64).filter(|k| k % 80 != 0) {
+        assert!(engine.execute(Command::delete(common::digest_of(k).0)).is_ok(), "delete {k}");
+        latest.insert(k, None);
+    }
+    engine.flush();
+    // New keys, a wblock's worth at a time, push the rest out of the cache.
+    let start = std::time::Instant::now();
+    let mut key = 1_000_000u64;
+    for _ in 0..40 {
+        let st = engine.stats();
+        if st.defrag_writes >= 2 + st.defrag_outputs_sealed_early {
+            break;
+        }
+        for k in key..key + 80 {
+            put_vp(&engine, k, 1);
+            latest.insert(k, Some(1));
+        }
+        engine.flush();
+        key += 80;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let st = engine.stats();
+    eprintln!(
+        "after {:?}: {} outputs, {} wblocks moved, {} sealed early",
+        start.elapsed(),
+        st.defrag_writes,
+        st.defrag_reads,
+        st.defrag_outputs_sealed_early
+    );
+    assert!(st.defrag_writes >= 2 + st.defrag_outputs_sealed_early, "the first output was never sealed: {st:?}");
+    let room = (wb as usize - ferrospike_engine::format::WBLOCK_HEADER_BYTES) / 4096;
+    assert!((st.defrag_reads as usize) < room, "the first output may have been sealed for being full: {st:?}");
+    check_latest(&engine, &latest, "after defrag");
+}
