@@ -631,11 +631,25 @@ fn put_200(engine: &Engine) -> (Latest, i64) {
     (latest, 200)
 }
 
+/// A one-shard config whose defrag does not pause between wblocks.
+fn defrag_cfg() -> EngineConfig {
+    let mut c = cfg(1);
+    c.defrag_sleep_us = 0;
+    c
+}
+
+/// Keys `keys` written with both bins at version `ver`, and so recorded in `latest`.
+fn put_all(engine: &Engine, keys: impl Iterator<Item = u64>, ver: i64, latest: &mut Latest) {
+    for key in keys {
+        put_vp(engine, key, ver);
+        latest.insert(key, Some(ver));
+    }
+}
+
 /// One 4 MiB sim disk (31 data wblocks of 128 KiB) and a one-shard config whose defrag
 /// does not pause between wblocks and looks for candidates in two steps.
 fn small_defrag_setup() -> (Vec<SimDisk>, EngineConfig) {
-    let mut c = cfg(1);
-    c.defrag_sleep_us = 0;
+    let mut c = defrag_cfg();
     // Two looks for candidates per pass, as on a device of more than 2^16 wblocks.
     c.defrag_look_wblocks = 16;
     (disks(1, 4 << 20), c)
@@ -1341,8 +1355,7 @@ fn a_scan_from_a_hook_sees_the_writes_submitted_before_it() {
 #[test]
 fn defrag_fills_its_outputs_instead_of_churning_through_the_cache() {
     common::init_logs();
-    let mut c = cfg(1);
-    c.defrag_sleep_us = 0;
+    let mut c = defrag_cfg();
     let wb = c.wblock_bytes as u64;
     // 40 of the 127 data wblocks of 128 KiB stay in memory.
     c.post_write_cache_bytes = 40 * wb;
@@ -1389,26 +1402,19 @@ fn defrag_fills_its_outputs_instead_of_churning_through_the_cache() {
 #[test]
 fn a_pass_for_candidates_in_many_looks_finds_every_one() {
     common::init_logs();
-    let mut c = cfg(1);
-    c.defrag_sleep_us = 0;
+    let mut c = defrag_cfg();
     c.defrag_look_wblocks = 3;
     let wb = c.wblock_bytes as u64;
     let disks = disks(1, 4 << 20);
     let engine = open(&disks, c);
     let mut latest = Latest::new();
-    for key in 0..960u64 {
-        put_vp(&engine, key, 1);
-        latest.insert(key, Some(1));
-    }
+    put_all(&engine, 0..960, 1, &mut latest);
     engine.flush();
     let mut originals: Vec<u32> = (0..960).map(|k| wblock_of(&disks[0], wb, k)).collect();
     originals.sort_unstable();
     originals.dedup();
     assert!(originals.len() >= 10, "the keys fill several wblocks: {originals:?}");
-    for key in (0..960u64).filter(|k| k % 4 != 0) {
-        put_vp(&engine, key, 2);
-        latest.insert(key, Some(2));
-    }
+    put_all(&engine, (0..960).filter(|k| k % 4 != 0), 2, &mut latest);
     engine.flush();
     // The last of them may hold enough of the new writes not to qualify.
     let want = originals.len() as u64 - 1;
@@ -1428,8 +1434,7 @@ fn a_pass_for_candidates_in_many_looks_finds_every_one() {
 #[test]
 fn a_defrag_output_open_too_long_is_sealed_though_candidates_keep_coming() {
     common::init_logs();
-    let mut c = cfg(1);
-    c.defrag_sleep_us = 0;
+    let mut c = defrag_cfg();
     c.defrag_idle_seal_ms = 400;
     let wb = c.wblock_bytes as u64;
     c.post_write_cache_bytes = 16 * wb;
@@ -1437,10 +1442,7 @@ fn a_defrag_output_open_too_long_is_sealed_though_candidates_keep_coming() {
     let engine = open(&disks, c);
     let mut latest = Latest::new();
     // About 24 wblocks of keys, then all but one key in 80 deleted.
-    for k in 0..1920u64 {
-        put_vp(&engine, k, 1);
-        latest.insert(k, Some(1));
-    }
+    put_all(&engine, 0..1920, 1, &mut latest);
     engine.flush();
     for k in (0..1920u64).filter(|k| k % 80 != 0) {
         assert!(engine.execute(Command::delete(common::digest_of(k).0)).is_ok(), "delete {k}");
@@ -1455,10 +1457,7 @@ fn a_defrag_output_open_too_long_is_sealed_though_candidates_keep_coming() {
         if st.defrag_writes >= 2 + st.defrag_outputs_sealed_early {
             break;
         }
-        for k in key..key + 80 {
-            put_vp(&engine, k, 1);
-            latest.insert(k, Some(1));
-        }
+        put_all(&engine, key..key + 80, 1, &mut latest);
         engine.flush();
         key += 80;
         std::thread::sleep(std::time::Duration::from_millis(100));

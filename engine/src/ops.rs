@@ -81,14 +81,11 @@ fn next_generation(g: u16) -> u16 {
 /// Apply `cmd` to `cur` (None = no live record) at time `now` (Citrusleaf seconds).
 pub fn apply(cmd: &Command, cur: Option<&Current>, now: u32, default_ttl: u32) -> Outcome {
     let fail = |rc| Outcome::Reply(Reply::error(rc));
-    for op in &cmd.ops {
-        if op.bin_name().len() > MAX_BIN_NAME_BYTES {
-            return fail(ResultCode::BinName);
-        }
-    }
-
     if !cmd.is_write() {
-        return Outcome::Reply(read_only(cmd, cur.cloned()));
+        return Outcome::Reply(read(cmd, cur.cloned()));
+    }
+    if bin_name_too_long(cmd) {
+        return fail(ResultCode::BinName);
     }
 
     // Writes.
@@ -212,13 +209,9 @@ pub fn apply(cmd: &Command, cur: Option<&Current>, now: u32, default_ttl: u32) -
 /// returns from `cur` (no copy of the values when it returns every bin). The same answer
 /// as [`apply`] gives.
 pub fn read(cmd: &Command, cur: Option<Current>) -> Reply {
-    if cmd.ops.iter().any(|op| op.bin_name().len() > MAX_BIN_NAME_BYTES) {
+    if bin_name_too_long(cmd) {
         return Reply::error(ResultCode::BinName);
     }
-    read_only(cmd, cur)
-}
-
-fn read_only(cmd: &Command, cur: Option<Current>) -> Reply {
     let Some(c) = cur else {
         return Reply::error(ResultCode::NotFound);
     };
@@ -243,6 +236,10 @@ fn read_only(cmd: &Command, cur: Option<Current>) -> Reply {
         }
     }
     reply
+}
+
+fn bin_name_too_long(cmd: &Command) -> bool {
+    cmd.ops.iter().any(|op| op.bin_name().len() > MAX_BIN_NAME_BYTES)
 }
 
 fn set_bin(bins: &mut Vec<Bin>, name: &str, v: Value) {

@@ -51,10 +51,15 @@ pub fn write_field(out: &mut Vec<u8>, ftype: u8, data: &[u8]) {
     out.extend_from_slice(data);
 }
 
+/// The bytes [`write_op`] writes for a bin.
+pub fn op_bytes(name: &str, value: &Value) -> usize {
+    8 + name.len().min(u8::MAX as usize) + value.encoded_len()
+}
+
 pub fn write_op(out: &mut Vec<u8>, code: u8, name: &str, value: &Value) {
     // Bin names are at most 15 bytes (checked on the way in), so the u8 cannot truncate.
+    let size = op_bytes(name, value) - 4;
     let name = &name.as_bytes()[..name.len().min(u8::MAX as usize)];
-    let size = 4 + name.len() + value.encoded_len();
     out.extend_from_slice(&(size as u32).to_be_bytes());
     out.extend_from_slice(&[code, value.particle_type(), 0, name.len() as u8]);
     out.extend_from_slice(name);
@@ -83,8 +88,8 @@ pub fn write_reply_msg(out: &mut Vec<u8>, reply: &Reply, op_codes: Option<&[u8]>
 
 /// A complete single-record response frame.
 pub fn encode_reply(reply: &Reply, op_codes: Option<&[u8]>) -> Vec<u8> {
-    // Sized exactly (see write_op), so the values are copied once, with no reallocation.
-    let ops: usize = reply.bins.iter().map(|b| 8 + b.name.len().min(u8::MAX as usize) + b.value.encoded_len()).sum();
+    // Sized exactly, so the values are copied once, with no reallocation.
+    let ops: usize = reply.bins.iter().map(|b| op_bytes(&b.name, &b.value)).sum();
     let mut out = Vec::with_capacity(PROTO_HEADER_BYTES + MSG_HEADER_BYTES + ops);
     let start = begin_frame(&mut out, MSG_TYPE_AS_MSG);
     write_reply_msg(&mut out, reply, op_codes, 0, 0);

@@ -1,12 +1,12 @@
 //! Scans and queries without a secondary-index filter (PROTOCOL.md §1.12).
 
 use ferrospike_engine::types::N_PARTITIONS;
-use ferrospike_engine::{Digest, ResultCode, ScanRecord, Value};
+use ferrospike_engine::{Digest, ResultCode, ScanRecord};
 
 use super::codes::*;
 use super::msg::Msg;
 use super::request::{check_fields, namespace, set_name};
-use super::response::{write_field, write_op, RespHeader};
+use super::response::{op_bytes, write_field, write_op, RespHeader};
 
 /// What to scan.
 #[derive(Clone, Debug, PartialEq)]
@@ -118,14 +118,14 @@ pub fn write_scan_record(out: &mut Vec<u8>, ns: &str, rec: &ScanRecord, no_bins:
 pub fn record_wire_bytes(rec: &ScanRecord) -> usize {
     64 + rec.set.len()
         + rec.key.as_ref().map_or(0, Vec::len)
-        + rec.bins.iter().map(|b| 8 + b.name.len() + Value::encoded_len(&b.value)).sum::<usize>()
+        + rec.bins.iter().map(|b| op_bytes(&b.name, &b.value)).sum::<usize>()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::proto::msg::{Field, MsgHeader};
-    use ferrospike_engine::Bin;
+    use ferrospike_engine::{Bin, Value};
 
     fn msg<'a>(fields: Vec<Field<'a>>) -> Msg<'a> {
         Msg {
