@@ -1475,3 +1475,70 @@ fn a_defrag_output_open_too_long_is_sealed_though_candidates_keep_coming() {
     assert!((st.defrag_reads as usize) < room, "the first output may have been sealed for being full: {st:?}");
     check_latest(&engine, &latest, "after defrag");
 }
+
+/// Test keys from `from` on whose partitions shard `shard` of two works.
+fn keys_of_shard(shard: u16, from: u64, n: usize) -> Vec<u64> {
+    (from..).filter(|&k| common::digest_of(k).0.partition() % 2 == shard).take(n).collect()
+}
+
+/// After the shard count changes, a wblock written by an earlier run can hold copies of
+/// any shard's records. When its owner takes it for a new use, the other shards must go on
+/// counting its old copies until that use's first write is on the device: a tombstone
+/// dropped before then, with the wblock that held it reused, lets a crash bring the deleted
+/// record back from the old copy.
+#[test]
+fn a_wblock_of_an_earlier_run_keeps_other_shards_tombstones_until_it_is_overwritten() {
+    common::init_logs();
+    let disks = disks(1, 4 << 20); // 31 data wblocks of 128 KiB
+    let wb = 128 * 1024u64;
+    // Run 1, one shard: record `gone` lands in wblock 1.
+    let gone = keys_of_shard(1, 1_000, 1)[0];
+    let engine = open(&disks, cfg(1));
+    put_vp(&engine, gone, 1);
+    engine.shutdown().expect("clean shutdown");
+    drop(engine);
+    assert_eq!(wblock_of(&disks[0], wb, gone), 1);
+    let run1_seq = scan_wblock(&disks[0], 1, wb).seq;
+
+    // Run 2, two shards: shard 1 has `gone`'s partition, shard 0 owns the odd wblocks
+    // (1, 3, ..., 31), free in that order, and wblock 1 once `gone` is deleted.
+    let mut c = cfg(2);
+    c.flush_max_ms = 3_600_000; // open wblocks are written when full or when told to
+    c.nsup_period_secs = 1;
+    c.defrag_lwm_pct = 1;
+    let engine = open(&disks, c.clone());
+    let free_before = engine.stats().free_wblocks;
+    assert!(engine.execute(Command::delete(common::digest_of(gone).0)).is_ok());
+    engine.flush(); // the tombstone is on the device, so the old copy's space is let go
+    wait_for("shard 0 frees wblock 1", || engine.stats().free_wblocks == free_before);
+
+    // Shard 0 goes through its free wblocks up to 31; the write that does not fit there
+    // opens wblock 1 (in memory only: nothing makes it write it).
+    let shard0_keys = keys_of_shard(0, 0, 40);
+    let mut ver = 1;
+    'cycle: for _ in 0..100 {
+        for &k in &shard0_keys {
+            ver += 1;
+            put_vp(&engine, k, ver);
+            if scan_wblock(&disks[0], 31, wb).seq != 0 {
+                break 'cycle;
+            }
+        }
+    }
+    wait_for("wblock 31 is written", || scan_wblock(&disks[0], 31, wb).seq != 0);
+    // Expiry sweeps run on shard 1, then it writes its own wblocks over, several times.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let shard1_keys = keys_of_shard(1, 0, 40);
+    for _ in 0..90 {
+        for &k in &shard1_keys {
+            ver += 1;
+            put_vp(&engine, k, ver);
+        }
+    }
+    assert_eq!(scan_wblock(&disks[0], 1, wb).seq, run1_seq, "wblock 1 still holds the first run's copy");
+    engine.crash();
+    drop(engine);
+
+    let engine = open(&disks, c);
+    assert_eq!(get_v(&engine, gone), Ok(None), "a deleted record came back after the crash");
+}

@@ -86,7 +86,9 @@ pub(crate) struct DevShared {
     /// The shard that wrote each wblock's current use in this run, or `NO_WRITER` for
     /// contents from an earlier run. Ordering sequences are per shard within a run (each
     /// starts above everything on the devices), so only wblocks of the same writer, or of
-    /// earlier runs, can hold older copies of a shard's records.
+    /// earlier runs, can hold older copies of a shard's records. Set when the use's first
+    /// write is done, not when the wblock is opened: until then an earlier run's copies,
+    /// of any shard's records after a change of the shard count, are still on the device.
     pub writer: Box<[AtomicU32]>,
 }
 

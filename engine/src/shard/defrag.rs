@@ -491,12 +491,15 @@ impl Shard {
     /// `Shared::data_floor`, computed at most once a `FLOOR_EVERY`: it goes over every
     /// wblock of every device (2^20 of them on a 1 TiB device, milliseconds of work), and a
     /// defrag walk needs it for every slice. A floor up to that old is safe to drop
-    /// tombstones below: it only ever rises (a wblock's floor is let go of only when its
-    /// next use's first write is durable, a wblock's writer only goes from none, an earlier
-    /// run, to its owner, which counted it already, and a defrag copy keeps its sequence, at
-    /// or above its source's floor, which the source holds until the copy is durable), except
-    /// from u64::MAX, when no data is counted at all, to the first record written after:
-    /// hence the cap at the next record sequence, below which no record can be written.
+    /// tombstones below: the floor over this shard's own copies only ever rises (a wblock's
+    /// floor is let go of only when its next use's first write is durable, a wblock's writer
+    /// only goes from none, an earlier run, to its owner, which counted it already, and only
+    /// once that first write is done, and a defrag copy keeps its sequence, at or above its
+    /// source's floor, which the source holds until the copy is durable), except from
+    /// u64::MAX, when no data is counted at all, to the first record written after: hence
+    /// the cap at the next record sequence, below which no record can be written. (The value
+    /// computed can dip below the cached one when another shard writes into a wblock of an
+    /// earlier run that every shard still counts; those copies are not this shard's.)
     fn cached_data_floor(&mut self) -> u64 {
         match self.defrag.floor {
             Some((at, floor)) if at.elapsed() < FLOOR_EVERY => floor,

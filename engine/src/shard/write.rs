@@ -42,7 +42,9 @@ impl Shard {
         let seq = self.shared.next_wblock_seq.fetch_add(1, Relaxed);
         let d = &self.shared.devs[dev as usize];
         d.seq[w as usize].store(seq, Relaxed);
-        d.writer[w as usize].store(self.id as u32, Relaxed);
+        // `writer` stays as it is until this use's first write is done: copies an earlier
+        // run left here (of any shard's records, should the shard count have changed) are
+        // on the device until then, and every shard's floor must go on counting them.
         let buf = Rc::new(WBuf::new(self.io.alloc(self.wb() as usize)));
         let h = WblockHeader {
             shard: self.id as u16,
@@ -389,9 +391,12 @@ impl Shard {
                 }
                 if info.first {
                     // The previous use of this wblock is overwritten for good: only this
-                    // use's data records bound the oldest data on the device now.
+                    // use's data records bound the oldest data on the device now, and only
+                    // this shard's floor needs to count them.
                     let cur = self.mem.get(&(info.dev, info.w)).map_or(u64::MAX, |m| m.use_min_seq);
-                    self.shared.devs[info.dev as usize].min_seq[info.w as usize].store(cur, Relaxed);
+                    let d = &self.shared.devs[info.dev as usize];
+                    d.min_seq[info.w as usize].store(cur, Relaxed);
+                    d.writer[info.w as usize].store(self.id as u32, Relaxed);
                 }
                 for loc in info.releases {
                     self.unpend_release(loc);
