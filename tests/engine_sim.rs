@@ -1476,9 +1476,14 @@ fn a_defrag_output_open_too_long_is_sealed_though_candidates_keep_coming() {
     check_latest(&engine, &latest, "after defrag");
 }
 
+/// Whether shard `shard` of two works on test key `key`'s partition.
+fn on_shard_of_two(key: u64, shard: u16) -> bool {
+    common::digest_of(key).0.partition() % 2 == shard
+}
+
 /// Test keys from `from` on whose partitions shard `shard` of two works.
 fn keys_of_shard(shard: u16, from: u64, n: usize) -> Vec<u64> {
-    (from..).filter(|&k| common::digest_of(k).0.partition() % 2 == shard).take(n).collect()
+    (from..).filter(|&k| on_shard_of_two(k, shard)).take(n).collect()
 }
 
 /// After the shard count changes, a wblock written by an earlier run can hold copies of
@@ -1541,4 +1546,41 @@ fn a_wblock_of_an_earlier_run_keeps_other_shards_tombstones_until_it_is_overwrit
 
     let engine = open(&disks, c);
     assert_eq!(get_v(&engine, gone), Ok(None), "a deleted record came back after the crash");
+}
+
+/// After the shard count changes, a wblock can hold live records of shards other than its
+/// owner. Defrag moves those too: the owner hands them to the shard whose partitions they
+/// are, which copies them into its own output, and the wblock is freed. Before, the owner
+/// passed over them, and a wblock holding only other shards' records was never freed and
+/// was read again at every pass.
+#[test]
+fn defrag_moves_other_shards_records_after_a_change_of_the_shard_count() {
+    common::init_logs();
+    let (disks, c1) = small_defrag_setup();
+    // Run 1, one shard: keys 0..200 fill wblocks 1 to 3 or 4.
+    let engine = open(&disks, c1.clone());
+    let (mut latest, mut ver) = put_200(&engine);
+    engine.shutdown().expect("clean shutdown");
+    drop(engine);
+    // Run 2, two shards: every record of shard 0 is written again, so the first run's
+    // wblocks hold only shard 1's live records, less than 90% of each.
+    let mut c = c1;
+    c.shards = 2;
+    c.defrag_lwm_pct = 90;
+    let engine = open(&disks, c.clone());
+    ver += 1;
+    put_all(&engine, (0..200).filter(|&k| on_shard_of_two(k, 0)), ver, &mut latest);
+    engine.flush();
+    wait_for_defrag_rest(&engine, "after the records of shard 0 are written again");
+    assert_defrag_at_rest(&engine, "after the records of shard 0 are written again");
+    check_latest(&engine, &latest, "after defrag");
+    // 200 records of about 1.5 KiB fill less than 3 wblocks; each shard may have a client
+    // and a defrag output open.
+    let st = engine.stats();
+    assert!(st.free_wblocks + 7 >= st.total_wblocks, "{} of {} wblocks free", st.free_wblocks, st.total_wblocks);
+    engine.shutdown().expect("clean shutdown");
+    drop(engine);
+    let engine = open(&disks, c);
+    check_latest(&engine, &latest, "after the restart");
+    wait_for_defrag_rest(&engine, "after the restart");
 }

@@ -35,7 +35,7 @@ use crate::coldstart::{walk_step, Walk, WALK_STEP};
 use crate::format::{RecordMeta, RECORD_HEADER_BYTES, WBLOCK_HEADER_BYTES};
 use crate::index::{IndexEntry, Loc};
 use crate::io::{AlignedBuf, IoCompletion, IoOp, IoRequest};
-use crate::types::ResultCode;
+use crate::types::{Digest, ResultCode};
 
 /// Below this share of free wblocks defrag runs without pausing between wblocks.
 const URGENT_AVAIL_PCT: f64 = 20.0;
@@ -105,6 +105,27 @@ pub(super) struct DefragJob {
     /// Where the walk goes on.
     pos: usize,
     moved: u64,
+    /// Records of other shards' partitions found so far, by shard: handed to them at the
+    /// end of the walk.
+    foreign: Vec<Vec<Foreign>>,
+}
+
+/// Records of one shard's partitions that another shard's defrag found in wblock `w` of
+/// device `dev`, one of its own: after a change of the shard count a wblock can hold any
+/// shard's records, and only the shard whose partitions they are can tell whether they
+/// are live (its index) and copy them (into its own wblocks).
+pub(crate) struct Adoption {
+    dev: u32,
+    w: u32,
+    recs: Vec<Foreign>,
+}
+
+/// One record of an [`Adoption`]: where it is in the wblock, and its image as read.
+struct Foreign {
+    off: u32,
+    digest: Digest,
+    seq: u64,
+    image: Vec<u8>,
 }
 
 impl Shard {
@@ -388,7 +409,7 @@ impl Shard {
         let stats = &self.shared.stats[self.id];
         stats.defrag_reads.fetch_add(1, Relaxed);
         stats.defrag_read_bytes.fetch_add(self.wb(), Relaxed);
-        self.defrag.job = Some(DefragJob { dev, w, buf, pos: WBLOCK_HEADER_BYTES, moved: 0 });
+        self.defrag.job = Some(DefragJob { dev, w, buf, pos: WBLOCK_HEADER_BYTES, moved: 0, foreign: Vec::new() });
         self.defrag_slice();
     }
 
@@ -408,8 +429,6 @@ impl Shard {
         let wb = self.wb();
         let device_id = self.shared.devs[dev as usize].header.device_id;
         let floor = self.cached_data_floor();
-        let shared = self.shared.clone();
-        let stats = &shared.stats[self.id];
         let slice_end = job.pos + SLICE_BYTES;
         let mut stopped = false;
         let mut moved = 0u64;
@@ -434,47 +453,26 @@ impl Shard {
             let off = job.pos;
             job.pos += plen;
             let here = Loc { dev, offset: w as u64 * wb + off as u64, size: plen as u32 };
-            if self.shared.shard_of_partition(meta.digest.partition()) != self.id {
+            let owner = self.shared.shard_of_partition(meta.digest.partition());
+            if owner != self.id {
+                job.foreign.resize_with(self.shared.n_shards, Vec::new);
+                let image = job.buf[off..off + plen].to_vec();
+                job.foreign[owner].push(Foreign { off: off as u32, digest: meta.digest, seq: meta.seq, image });
                 continue;
-            }
-            // Only the copy the index points at is live; anything else here is an older
-            // version, deleted, or a leftover of an earlier use of the wblock.
-            let Some(e) = self.index.get(&meta.digest) else { continue };
-            if e.loc != here {
-                continue;
-            }
-            if e.tombstone && meta.seq < floor {
-                self.index.remove(&meta.digest);
-                stats.tombstones_dropped.fetch_add(1, Relaxed);
-                self.release(here);
-                continue;
-            }
-            // Copies go only into a wblock written after their source, so that a cold start
-            // finding both (the source freed and not yet reused) takes the copy
-            // (`coldstart::keep_newest`). An output wblock opened before the source is
-            // sealed; this copy opens a new one (and so does a full output: a new wblock is
-            // always the newest). That happens at most once per refill of the queue: every
-            // wblock queued existed before the new output was opened.
-            if self.newer_than_output(dev, w) {
-                self.seal_defrag_output(dev);
-                stats.defrag_outputs_sealed_early.fetch_add(1, Relaxed);
             }
             // The image is the job's own and the walk is past this record: re-bind it in
             // place rather than through a copy.
-            let new_loc = match self.append(dev, DEFRAG, &mut job.buf[off..off + plen]) {
-                Ok(l) => l,
+            match self.defrag_record(w, here, &meta.digest, meta.seq, &mut job.buf[off..off + plen], floor) {
+                Ok(n) => moved += n,
                 Err(rc) => {
                     tracing::warn!("shard {}: defrag of device {dev} wblock {w} stopped: {rc:?}", self.id);
                     stopped = true;
                     break;
                 }
-            };
-            self.index.upsert(IndexEntry { loc: new_loc, ..e });
-            self.release_after_flush(slot(dev, DEFRAG), here);
-            moved += plen as u64;
+            }
         }
         job.moved += moved;
-        stats.defrag_write_bytes.fetch_add(moved, Relaxed);
+        self.shared.stats[self.id].defrag_write_bytes.fetch_add(moved, Relaxed);
         if !stopped && job.pos + RECORD_HEADER_BYTES <= job.buf.len() {
             self.defrag.job = Some(job);
             return;
@@ -486,6 +484,101 @@ impl Shard {
         // Make the copies durable now, so the source can be freed.
         self.flush(slot(dev, DEFRAG), true);
         self.maybe_free(dev, w);
+        self.hand_over_foreign(dev, w, job.foreign);
+    }
+
+    /// Copy the record at `here` in wblock `w` (`image`, as read) into the defrag stream and
+    /// repoint the index, if the index still points at it there; drop it instead if it is a
+    /// tombstone older than `floor`. Returns the bytes copied; an error when no copy could
+    /// be made (the walk stops).
+    fn defrag_record(
+        &mut self,
+        w: u32,
+        here: Loc,
+        digest: &Digest,
+        seq: u64,
+        image: &mut [u8],
+        floor: u64,
+    ) -> Result<u64, ResultCode> {
+        let dev = here.dev;
+        // Only the copy the index points at is live; anything else here is an older
+        // version, deleted, or a leftover of an earlier use of the wblock.
+        let Some(e) = self.index.get(digest) else { return Ok(0) };
+        if e.loc != here {
+            return Ok(0);
+        }
+        let shared = self.shared.clone();
+        let stats = &shared.stats[self.id];
+        if e.tombstone && seq < floor {
+            self.index.remove(digest);
+            stats.tombstones_dropped.fetch_add(1, Relaxed);
+            self.release(here);
+            return Ok(0);
+        }
+        // Copies go only into a wblock written after their source, so that a cold start
+        // finding both (the source freed and not yet reused) takes the copy
+        // (`coldstart::keep_newest`). An output wblock opened before the source is sealed;
+        // this copy opens a new one (and so does a full output: a new wblock is always the
+        // newest). That happens at most once per refill of the queue: every wblock queued
+        // existed before the new output was opened.
+        if self.newer_than_output(dev, w) {
+            self.seal_defrag_output(dev);
+            stats.defrag_outputs_sealed_early.fetch_add(1, Relaxed);
+        }
+        let new_loc = self.append(dev, DEFRAG, image)?;
+        self.index.upsert(IndexEntry { loc: new_loc, ..e });
+        self.release_after_flush(slot(dev, DEFRAG), here);
+        Ok(image.len() as u64)
+    }
+
+    /// Hand the records of other shards' partitions found in wblock `w` to those shards
+    /// (`adopt`), without waiting: a shard whose channel is full does not get them now, and
+    /// the wblock, still holding them, is walked again on a later pass. Once their copies
+    /// are durable they release their bytes here, and `sweep_empty` frees the wblock.
+    fn hand_over_foreign(&mut self, dev: u32, w: u32, foreign: Vec<Vec<Foreign>>) {
+        for (shard, recs) in foreign.into_iter().enumerate() {
+            if recs.is_empty() {
+                continue;
+            }
+            let n = recs.len();
+            let (tx, bell) = &self.peers[shard];
+            match tx.try_send(super::Msg::Adopt(Adoption { dev, w, recs })) {
+                Ok(()) => bell.ring_if_sleeping(),
+                Err(_) => tracing::debug!(
+                    "shard {}: {n} records of shard {shard} in device {dev} wblock {w} left for a later pass",
+                    self.id
+                ),
+            }
+        }
+    }
+
+    /// Copy out the records another shard's defrag found in one of its wblocks (see
+    /// [`Adoption`]) that this shard's index still points at there, as its own defrag walk
+    /// would, and make the copies durable at once, so that the wblock can be freed.
+    pub(super) fn adopt(&mut self, a: Adoption) {
+        if self.read_only {
+            return;
+        }
+        let floor = self.cached_data_floor();
+        let wb = self.wb();
+        let mut moved = 0;
+        for mut f in a.recs {
+            let here = Loc { dev: a.dev, offset: a.w as u64 * wb + f.off as u64, size: f.image.len() as u32 };
+            match self.defrag_record(a.w, here, &f.digest, f.seq, &mut f.image, floor) {
+                Ok(n) => moved += n,
+                Err(rc) => {
+                    tracing::warn!(
+                        "shard {}: copying its records out of device {} wblock {} stopped: {rc:?}",
+                        self.id,
+                        a.dev,
+                        a.w
+                    );
+                    break;
+                }
+            }
+        }
+        self.shared.stats[self.id].defrag_write_bytes.fetch_add(moved, Relaxed);
+        self.flush(slot(a.dev, DEFRAG), true);
     }
 
     /// `Shared::data_floor`, computed at most once a `FLOOR_EVERY`: it goes over every

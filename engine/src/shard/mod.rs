@@ -90,6 +90,9 @@ pub(crate) enum Msg {
         before_ms: u64,
         done: Done,
     },
+    /// Records of this shard's partitions that another shard's defrag found in a wblock of
+    /// its own (possible after a change of the shard count), to be copied out.
+    Adopt(defrag::Adoption),
 }
 
 /// Most requests taken from the channel per loop turn (the rest wait for the next turn, so
@@ -581,6 +584,7 @@ impl Shard {
                 self.aborted = true;
                 done();
             }
+            Msg::Adopt(a) => self.adopt(a),
         }
     }
 
@@ -605,6 +609,8 @@ impl Shard {
             // The stop in progress flushes and fsyncs everything; a truncate is refused by the
             // engine once it is stopping.
             Msg::Flush(done) | Msg::Stop(done) | Msg::Truncate { done, .. } => done(),
+            // The records stay where they are, counted live: a later run moves them.
+            Msg::Adopt(_) => {}
         }
     }
 
