@@ -554,9 +554,19 @@ impl Shard {
 
     /// Copy out the records another shard's defrag found in one of its wblocks (see
     /// [`Adoption`]) that this shard's index still points at there, as its own defrag walk
-    /// would, and make the copies durable at once, so that the wblock can be freed.
+    /// would, and make the copies durable at once, so that the wblock can be freed. Not when
+    /// this shard is short of space: the copies would take the wblocks its own defrag and
+    /// clients need (the records stay where they are, and a later pass sends them again).
     pub(super) fn adopt(&mut self, a: Adoption) {
-        if self.read_only {
+        if self.read_only || self.space_short() {
+            tracing::debug!(
+                "shard {}: {} records in device {} wblock {} left where they are: {}",
+                self.id,
+                a.recs.len(),
+                a.dev,
+                a.w,
+                if self.read_only { "read-only" } else { "space is short" }
+            );
             return;
         }
         let floor = self.cached_data_floor();
@@ -579,6 +589,11 @@ impl Shard {
         }
         self.shared.stats[self.id].defrag_write_bytes.fetch_add(moved, Relaxed);
         self.flush(slot(a.dev, DEFRAG), true);
+        if moved > 0 {
+            // Defrag work, as a candidate of its own would be: the output stays open for
+            // what comes next rather than being sealed sparse at the next idle look.
+            self.defrag.idle_since = None;
+        }
     }
 
     /// `Shared::data_floor`, computed at most once a `FLOOR_EVERY`: it goes over every
