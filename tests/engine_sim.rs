@@ -1493,6 +1493,23 @@ fn keys_of_shard(shard: u16, from: u64, n: usize) -> Vec<u64> {
 /// record back from the old copy.
 #[test]
 fn a_wblock_of_an_earlier_run_keeps_other_shards_tombstones_until_it_is_overwritten() {
+    earlier_runs_copies_outlive_their_tombstone_or_not(false);
+}
+
+/// The same when the first write of the wblock's new use completes without DSYNC and is
+/// then lost (as a power loss before the next fsync would lose it): a completed write is not
+/// a durable one, and the previous use is let go of only by the fsync after it.
+#[test]
+fn a_first_write_not_yet_fsynced_keeps_the_previous_use_counted() {
+    earlier_runs_copies_outlive_their_tombstone_or_not(true);
+}
+
+/// Run 1 with one shard leaves record `gone` in wblock 1; run 2 with two shards deletes it
+/// (shard 1) and has shard 0 take wblock 1 for a new use, which is never written
+/// (`first_write_lost`: written without DSYNC, reported done and lost, and no fsync
+/// follows). Shard 1 then runs its expiry sweeps and writes its wblocks over; after a crash
+/// `gone` must still be deleted.
+fn earlier_runs_copies_outlive_their_tombstone_or_not(first_write_lost: bool) {
     common::init_logs();
     let disks = disks(1, 4 << 20); // 31 data wblocks of 128 KiB
     let wb = 128 * 1024u64;
@@ -1531,6 +1548,22 @@ fn a_wblock_of_an_earlier_run_keeps_other_shards_tombstones_until_it_is_overwrit
         }
     }
     wait_for("wblock 31 is written", || scan_wblock(&disks[0], 31, wb).seq != 0);
+    if first_write_lost {
+        // Shard 0 fills wblock 1: it is sealed and written, the next write the disk sees,
+        // without DSYNC (and with no fsync for an hour); the write is reported done and lost.
+        disks[0].set_faults(SimFaults { lost_writes: vec![1], ..Default::default() });
+        let writes = disks[0].writes_seen();
+        'fill: for _ in 0..100 {
+            for &k in &shard0_keys {
+                ver += 1;
+                put_vp(&engine, k, ver);
+                if disks[0].writes_seen() > writes {
+                    break 'fill;
+                }
+            }
+        }
+        assert!(disks[0].writes_seen() > writes, "wblock 1 was written");
+    }
     // Expiry sweeps run on shard 1, then it writes its own wblocks over, several times.
     std::thread::sleep(std::time::Duration::from_millis(2500));
     let shard1_keys = keys_of_shard(1, 0, 40);

@@ -87,8 +87,9 @@ pub(crate) struct DevShared {
     /// contents from an earlier run. Ordering sequences are per shard within a run (each
     /// starts above everything on the devices), so only wblocks of the same writer, or of
     /// earlier runs, can hold older copies of a shard's records. Set when the use's first
-    /// write is done, not when the wblock is opened: until then an earlier run's copies,
-    /// of any shard's records after a change of the shard count, are still on the device.
+    /// write is durable (a DSYNC write done, or the fsync after it), not when the wblock is
+    /// opened: until then an earlier run's copies, of any shard's records after a change of
+    /// the shard count, can still be on the device.
     pub writer: Box<[AtomicU32]>,
 }
 

@@ -219,11 +219,17 @@ pub(crate) struct Shard {
     cache_limit: usize,
     writes: HashMap<u64, WriteInfo>,
     reads: HashMap<u64, PendingRead>,
-    /// Fsyncs in flight: the device, the client records whose writes it makes durable, and
-    /// whether some were too many to list (`unsynced_overflow`).
-    fsyncs: HashMap<u64, (u32, Vec<Digest>, bool)>,
+    /// Fsyncs in flight: the device, the client records whose writes it makes durable,
+    /// whether some were too many to list (`unsynced_overflow`), and the wblocks whose
+    /// first writes it makes durable (`unsettled`).
+    fsyncs: HashMap<u64, (u32, Vec<Digest>, bool, Vec<write::Unsettled>)>,
     /// Per device, client records written without DSYNC since the last fsync was sent.
     unsynced: Vec<Vec<Digest>>,
+    /// Per device, wblocks whose new use's first write completed without DSYNC since the
+    /// last fsync was sent: the previous use is let go of (its data floor and, after a
+    /// change of the shard count, its place in every shard's floor) only once an fsync sent
+    /// after that completion has completed.
+    unsettled: Vec<Vec<write::Unsettled>>,
     scans: HashMap<u32, ScanJob>,
     next_scan: u32,
     busy: hashbrown::HashMap<Digest, VecDeque<(Command, Callback)>>,
@@ -343,6 +349,7 @@ impl Shard {
             reads: HashMap::new(),
             fsyncs: HashMap::new(),
             unsynced: vec![Vec::new(); n_devs],
+            unsettled: (0..n_devs).map(|_| Vec::new()).collect(),
             scans: HashMap::new(),
             next_scan: 0,
             busy: hashbrown::HashMap::new(),

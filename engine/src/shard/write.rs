@@ -3,6 +3,15 @@
 
 use super::*;
 
+/// A wblock use whose first write completed without DSYNC, waiting for an fsync to let go
+/// of the previous use (`Shard::settle`): the wblock, the use's write sequence, and the
+/// smallest data record sequence of the use known when it left memory.
+pub(super) struct Unsettled {
+    pub w: u32,
+    pub wseq: u64,
+    pub min: u64,
+}
+
 impl Shard {
     /// Put an encoded record into the open wblock of `dev`'s `stream`; returns its location.
     pub(super) fn append(&mut self, dev: u32, stream: usize, rec: &mut [u8]) -> Result<Loc, ResultCode> {
@@ -42,7 +51,7 @@ impl Shard {
         let seq = self.shared.next_wblock_seq.fetch_add(1, Relaxed);
         let d = &self.shared.devs[dev as usize];
         d.seq[w as usize].store(seq, Relaxed);
-        // `writer` stays as it is until this use's first write is done: copies an earlier
+        // `writer` stays as it is until this use's first write is durable: copies an earlier
         // run left here (of any shard's records, should the shard count have changed) are
         // on the device until then, and every shard's floor must go on counting them.
         let buf = Rc::new(WBuf::new(self.io.alloc(self.wb() as usize)));
@@ -93,9 +102,10 @@ impl Shard {
 
     /// Hand the unflushed tail of an open wblock to the device. With `commit-to-device`
     /// every flush is a durable write whatever the caller asked: one may carry replies
-    /// waiting for durability (sent when it completes), and the completion of a wblock's
-    /// first write lets go of the copies it replaces and of the previous use's floor
-    /// (`min_seq`), which only a durable write may do.
+    /// waiting for durability (sent when it completes), and the completion of a write lets
+    /// go of the copies it replaces, which only a durable write may do. A wblock's first
+    /// write lets go of the previous use's floor (`min_seq`, `writer`) when it is durable:
+    /// at its completion with DSYNC, else at the completion of the fsync sent after it.
     pub(super) fn flush(&mut self, s: usize, dsync: bool) {
         let wb = self.wb() as usize;
         let Some(o) = self.open[s].as_mut() else { return };
@@ -193,7 +203,8 @@ impl Shard {
                 self.io.push(IoRequest { tag, dev: d as u32, offset: 0, op: IoOp::Fsync });
                 let listed = std::mem::take(&mut self.unsynced[d]);
                 let overflow = std::mem::take(&mut self.unsynced_overflow[d]);
-                self.fsyncs.insert(tag, (d as u32, listed, overflow));
+                let firsts = std::mem::take(&mut self.unsettled[d]);
+                self.fsyncs.insert(tag, (d as u32, listed, overflow, firsts));
             }
         }
     }
@@ -276,9 +287,30 @@ impl Shard {
 
     pub(super) fn drop_from_memory(&mut self, dev: u32, w: u32) {
         if let Some(mw) = self.mem.remove(&(dev, w)) {
+            // A use not settled yet keeps its smallest sequence for `settle`.
+            let waiting = self.unsettled[dev as usize]
+                .iter_mut()
+                .chain(self.fsyncs.values_mut().filter(|f| f.0 == dev).flat_map(|f| f.3.iter_mut()));
+            for u in waiting.filter(|u| u.w == w) {
+                u.min = u.min.min(mw.use_min_seq);
+            }
             self.cache.retain(|&k| k != (dev, w));
             self.recycle(mw.buf);
         }
+    }
+
+    /// The first write of wblock `u.w`'s use `u.wseq` is durable: the previous use is
+    /// overwritten for good, so only this use's data records bound the oldest data on the
+    /// device there now, and only this shard's floor needs to count them. Nothing changes
+    /// if the wblock has been freed and taken for another use meanwhile.
+    pub(super) fn settle(&mut self, dev: u32, u: Unsettled) {
+        let d = &self.shared.devs[dev as usize];
+        if d.seq[u.w as usize].load(Relaxed) != u.wseq {
+            return;
+        }
+        let min = self.mem.get(&(dev, u.w)).map_or(u.min, |m| m.use_min_seq.min(u.min));
+        d.min_seq[u.w as usize].store(min, Relaxed);
+        d.writer[u.w as usize].store(self.id as u32, Relaxed);
     }
 
     /// Return a wblock buffer to the backend (its arena slot, if any) once nothing else
@@ -309,7 +341,7 @@ impl Shard {
             self.lost_all = true;
         }
         let mut doomed: Vec<Digest> = self.unsynced.iter_mut().flat_map(|u| u.drain(..)).collect();
-        doomed.extend(self.fsyncs.values().flat_map(|(_, d, _)| d.iter().copied()));
+        doomed.extend(self.fsyncs.values().flat_map(|(_, d, _, _)| d.iter().copied()));
         doomed.extend(self.writes.values().filter(|w| !w.dsync).flat_map(|w| w.digests.iter().copied()));
         if !self.shared.cfg.commit_to_device {
             doomed.extend(self.open.iter().flatten().flat_map(|o| o.digests.iter().copied()));
@@ -344,7 +376,7 @@ impl Shard {
             self.read_done(p, c);
         } else if let Some((dev, w)) = self.defrag.reads.remove(&c.tag) {
             self.defrag_read_done(dev, w, c);
-        } else if let Some((d, digests, overflow)) = self.fsyncs.remove(&c.tag) {
+        } else if let Some((d, digests, overflow, firsts)) = self.fsyncs.remove(&c.tag) {
             self.fsync_inflight[d as usize] = false;
             if let Err(e) = c.result {
                 tracing::error!("shard {}: fsync of device {d} failed: {e}", self.id);
@@ -353,6 +385,12 @@ impl Shard {
                 // Writes it was to make durable may not be: their records are as good as lost.
                 self.mark_lost(digests);
                 self.lost_all |= overflow;
+                // And the previous uses of those wblocks may still be on the device: their
+                // floors stay counted.
+            } else {
+                for u in firsts {
+                    self.settle(d, u);
+                }
             }
         } else {
             panic!("completion for unknown tag {}", c.tag);
@@ -390,13 +428,16 @@ impl Shard {
                     }
                 }
                 if info.first {
-                    // The previous use of this wblock is overwritten for good: only this
-                    // use's data records bound the oldest data on the device now, and only
-                    // this shard's floor needs to count them.
                     let cur = self.mem.get(&(info.dev, info.w)).map_or(u64::MAX, |m| m.use_min_seq);
-                    let d = &self.shared.devs[info.dev as usize];
-                    d.min_seq[info.w as usize].store(cur, Relaxed);
-                    d.writer[info.w as usize].store(self.id as u32, Relaxed);
+                    let wseq = self.shared.devs[info.dev as usize].seq[info.w as usize].load(Relaxed);
+                    let u = Unsettled { w: info.w, wseq, min: cur };
+                    if info.dsync {
+                        self.settle(info.dev, u);
+                    } else {
+                        // Completed is not durable yet: a power loss before the next fsync
+                        // could leave the previous use on the device.
+                        self.unsettled[info.dev as usize].push(u);
+                    }
                 }
                 for loc in info.releases {
                     self.unpend_release(loc);
