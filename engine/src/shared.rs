@@ -217,6 +217,9 @@ pub(crate) struct ShardStats {
     pub defrag_queue: AtomicU64,
     pub expired: AtomicU64,
     pub tombstones_dropped: AtomicU64,
+    /// Free wblocks given an empty header so that their old records stop holding
+    /// tombstones back.
+    pub free_wblocks_scrubbed: AtomicU64,
     pub truncated: AtomicU64,
     pub cold_truncated: AtomicU64,
     /// Live records per set id, as of the shard's last `publish_stats`.
@@ -278,6 +281,9 @@ pub struct EngineStats {
     /// Records evicted (always 0: Ferrospike does not evict).
     pub evicted: u64,
     pub tombstones_dropped: u64,
+    /// Free wblocks given an empty header so that their old records stop holding
+    /// tombstones back.
+    pub free_wblocks_scrubbed: u64,
     /// Records removed by truncates in this run.
     pub truncated: u64,
     /// Records a cold start ignored because a truncate covers them.
@@ -331,6 +337,7 @@ impl EngineStats {
             s.defrag_write_bytes += st.defrag_write_bytes.load(Relaxed);
             s.expired += st.expired.load(Relaxed);
             s.tombstones_dropped += st.tombstones_dropped.load(Relaxed);
+            s.free_wblocks_scrubbed += st.free_wblocks_scrubbed.load(Relaxed);
             s.truncated += st.truncated.load(Relaxed);
             s.cold_start_truncated += st.cold_truncated.load(Relaxed);
         }

@@ -26,7 +26,7 @@
 //!   ("fresh": no older data copy exists) leaves the index and frees its bytes; any other
 //!   expired record is replaced by a tombstone, so an older copy can never come back.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -87,6 +87,10 @@ pub(super) struct DefragState {
     /// before the next wblock to move), with their live bytes then: not candidates until
     /// some of those bytes go, or they are freed.
     pub(super) rested: HashMap<(u32, u32), u32>,
+    /// Wblocks to be moved whatever their fill: dead data in them, older than their live
+    /// records, holds tombstones back (see `unblock_tombstones`). Moving the live records
+    /// out and freeing the wblock lets the floor rise to the oldest of those.
+    pub(super) floor_moves: HashSet<(u32, u32)>,
 }
 
 /// Where an idle defrag's pass for candidates has got to, and what it found so far
@@ -176,7 +180,9 @@ impl Shard {
         let mut flushing = false;
         for s in 0..self.open.len() {
             if self.open[s].as_ref().is_some_and(|o| o.pos > o.flushed && !o.releases.is_empty()) {
-                self.flush(s, false);
+                // Defrag copies are written with DSYNC, as always: their completion releases
+                // the originals.
+                self.flush(s, s % 2 == DEFRAG);
                 flushing = true;
             }
         }
@@ -200,11 +206,15 @@ impl Shard {
     }
 
     fn defrag_eligible(&self, dev: u32, w: u32) -> bool {
-        self.wstate[dev as usize][w as usize] == WState::Used
-            && !self.mem.contains_key(&(dev, w))
-            && self.sparse(dev, w)
-            && !self.frees_itself(dev, w)
-            && self.defrag.rested.get(&(dev, w)).is_none_or(|&at| self.shared.live(dev, w) < at)
+        if self.wstate[dev as usize][w as usize] != WState::Used || self.frees_itself(dev, w) {
+            return false;
+        }
+        // A floor move also takes a wblock in the post-write cache: the idle device that
+        // needs one may never push it out.
+        self.defrag.floor_moves.contains(&(dev, w))
+            || (!self.mem.contains_key(&(dev, w))
+                && self.sparse(dev, w)
+                && self.defrag.rested.get(&(dev, w)).is_none_or(|&at| self.shared.live(dev, w) < at))
     }
 
     /// Queue the emptiest candidates of the whole of this shard's devices (at once: for a
@@ -478,6 +488,7 @@ impl Shard {
             return;
         }
         tracing::debug!("shard {}: defrag of device {dev} wblock {w} copied {} bytes", self.id, job.moved);
+        self.defrag.floor_moves.remove(&(dev, w));
         self.io.free(job.buf);
         self.wstate[dev as usize][w as usize] = WState::Used;
         self.defrag_pause();
@@ -621,6 +632,60 @@ impl Shard {
         }
     }
 
+    /// Tombstones are kept, the oldest with sequence `oldest`: get the wblocks of this shard
+    /// whose dead records hold them back out of the way, so that a later sweep can drop them.
+    /// - A free wblock's old records stay on the device (a cold start would find them) until
+    ///   it is written again, which on a device with few writes may be never: it is given an
+    ///   empty header (`scrub_free`).
+    /// - A used one whose oldest data record is dead (its live records are all newer) is
+    ///   moved whatever its fill (`DefragState::floor_moves`): a wblock that holds mostly
+    ///   tombstones, live, would otherwise never qualify, and the dead records written before
+    ///   them would keep every later tombstone too. One whose oldest data record is live
+    ///   holds the floor rightly, and moving it would not raise it (copies keep their
+    ///   sequence), so it stays.
+    /// - An open wblock (client or defrag stream) is sealed when it is such a one, so that it
+    ///   can be moved.
+    ///
+    /// `live_min`: the oldest live data record of each wblock, by device.
+    fn unblock_tombstones(&mut self, oldest: u64, live_min: &[Vec<u64>]) {
+        let shared = self.shared.clone();
+        let mut blocking: Vec<(u32, u32)> = Vec::new();
+        for (d, dev) in shared.devs.iter().enumerate() {
+            for w in 1..dev.n_wblocks {
+                let min = dev.min_seq[w as usize].load(Relaxed);
+                if min >= oldest {
+                    continue;
+                }
+                match self.wstate[d][w as usize] {
+                    WState::Free if self.scrub_queue.len() < 4096 => self.scrub_queue.push_back((d as u32, w)),
+                    // Only when a dead record is the oldest: moving live ones would not
+                    // raise the floor.
+                    WState::Used | WState::Open if live_min[d][w as usize] > min => blocking.push((d as u32, w)),
+                    _ => {}
+                }
+            }
+        }
+        let mut moves = 0;
+        for (dev, w) in blocking {
+            if self.wstate[dev as usize][w as usize] == WState::Open {
+                let s = slot(dev, super::CLIENT);
+                if self.open[s].as_ref().is_some_and(|o| o.w == w) {
+                    self.seal(s);
+                } else if self.open[slot(dev, DEFRAG)].as_ref().is_some_and(|o| o.w == w) {
+                    // Dead copies in defrag's own output (it would be sealed only once
+                    // defrag has been idle for `defrag_idle_seal_ms`).
+                    self.seal_defrag_output(dev);
+                }
+            } else if moves < QUEUE_REFILL {
+                self.defrag.floor_moves.insert((dev, w));
+                if !self.defrag.queue.contains(&(dev, w)) {
+                    self.defrag.queue.push_back((dev, w));
+                    moves += 1;
+                }
+            }
+        }
+    }
+
     /// The expiry sweep: expired records leave (fresh ones) or become tombstones; tombstones
     /// older than every data copy on the device are dropped.
     pub(super) fn nsup(&mut self) {
@@ -628,13 +693,30 @@ impl Shard {
         let floor = self.shared.data_floor(self.id);
         let mut expired: Vec<IndexEntry> = Vec::new();
         let mut dead_tombs: Vec<IndexEntry> = Vec::new();
+        let mut oldest_kept_tomb = u64::MAX;
+        // With tombstones about: the oldest live data record of each wblock, for
+        // `unblock_tombstones`.
+        let wb = self.wb();
+        let mut live_min: Vec<Vec<u64>> = if self.index.tombstones() > 0 {
+            self.shared.devs.iter().map(|d| vec![u64::MAX; d.n_wblocks as usize]).collect()
+        } else {
+            Vec::new()
+        };
         for pid in self.shared.partitions_of(self.id) {
             for e in self.index.partition_entries(pid) {
                 if e.tombstone {
                     if e.seq < floor {
                         dead_tombs.push(e);
+                    } else {
+                        oldest_kept_tomb = oldest_kept_tomb.min(e.seq);
                     }
-                } else if e.void_time != 0 && e.void_time <= now {
+                    continue;
+                }
+                if let Some(m) = live_min.get_mut(e.loc.dev as usize) {
+                    let m = &mut m[(e.loc.offset / wb) as usize];
+                    *m = (*m).min(e.seq);
+                }
+                if e.void_time != 0 && e.void_time <= now {
                     expired.push(e);
                 }
             }
@@ -646,6 +728,9 @@ impl Shard {
             self.release(t.loc);
         }
         stats.tombstones_dropped.fetch_add(dead_tombs.len() as u64, Relaxed);
+        if oldest_kept_tomb != u64::MAX && !live_min.is_empty() {
+            self.unblock_tombstones(oldest_kept_tomb, &live_min);
+        }
         let mut n_expired = 0u64;
         for e in expired {
             if e.fresh {

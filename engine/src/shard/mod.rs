@@ -123,6 +123,9 @@ enum WState {
     Used,
     /// Being read by the defragmenter.
     Defrag,
+    /// Free, with a new empty header being written over what its last use left (see
+    /// `Shard::scrub_free`); it may be off the free list meanwhile.
+    Scrub,
 }
 
 /// Write streams: each device has an open wblock for client writes and one for defrag.
@@ -230,6 +233,14 @@ pub(crate) struct Shard {
     /// change of the shard count, its place in every shard's floor) only once an fsync sent
     /// after that completion has completed.
     unsettled: Vec<Vec<write::Unsettled>>,
+    /// Free wblocks whose old contents hold tombstones back, to be given an empty header
+    /// (`scrub_free`), and the header writes in flight: tag → (device, wblock, its new write
+    /// sequence).
+    scrub_queue: VecDeque<(u32, u32)>,
+    scrubs: HashMap<u64, (u32, u32, u64)>,
+    /// Wblocks being scrubbed that `open_wblock` took off the free list: back on it when
+    /// the write completes.
+    scrub_popped: HashSet<(u32, u32)>,
     scans: HashMap<u32, ScanJob>,
     next_scan: u32,
     busy: hashbrown::HashMap<Digest, VecDeque<(Command, Callback)>>,
@@ -350,6 +361,9 @@ impl Shard {
             fsyncs: HashMap::new(),
             unsynced: vec![Vec::new(); n_devs],
             unsettled: (0..n_devs).map(|_| Vec::new()).collect(),
+            scrub_queue: VecDeque::new(),
+            scrubs: HashMap::new(),
+            scrub_popped: HashSet::new(),
             scans: HashMap::new(),
             next_scan: 0,
             busy: hashbrown::HashMap::new(),
@@ -481,6 +495,7 @@ impl Shard {
                     && self.fsyncs.is_empty()
                     && self.reads.is_empty()
                     && self.defrag.reads.is_empty()
+                    && self.scrubs.is_empty()
                 {
                     if self.open.iter().flatten().any(|o| o.pos > o.flushed) {
                         // Commands whose reads were in flight when the stop began have

@@ -47,7 +47,15 @@ impl Shard {
         if stream == CLIENT && !tombstone && self.free[dev as usize].len() <= self.reserve_wblocks {
             return Err(ResultCode::OutOfSpace);
         }
-        let w = self.free[dev as usize].pop_front().ok_or(ResultCode::OutOfSpace)?;
+        let w = loop {
+            let w = self.free[dev as usize].pop_front().ok_or(ResultCode::OutOfSpace)?;
+            if self.wstate[dev as usize][w as usize] == WState::Free {
+                break w;
+            }
+            // Its empty header is being written: the completion puts it back on the list.
+            self.scrub_popped.insert((dev, w));
+            self.shared.stats[self.id].free_wblocks.fetch_sub(1, Relaxed);
+        };
         let seq = self.shared.next_wblock_seq.fetch_add(1, Relaxed);
         let d = &self.shared.devs[dev as usize];
         d.seq[w as usize].store(seq, Relaxed);
@@ -176,6 +184,7 @@ impl Shard {
             self.last_timer = Instant::now();
             self.fsync_all();
         }
+        self.scrub_free();
         if self.last_sweep.elapsed() >= SWEEP_EVERY {
             self.last_sweep = Instant::now();
             self.sweep_empty();
@@ -268,6 +277,7 @@ impl Shard {
         self.wstate[dev as usize][w as usize] = WState::Free;
         self.defrag.unreadable.remove(&(dev, w));
         self.defrag.rested.remove(&(dev, w));
+        self.defrag.floor_moves.remove(&(dev, w));
         self.free[dev as usize].push_back(w);
         self.shared.stats[self.id].free_wblocks.fetch_add(1, Relaxed);
     }
@@ -311,6 +321,76 @@ impl Shard {
         let min = self.mem.get(&(dev, u.w)).map_or(u.min, |m| m.use_min_seq.min(u.min));
         d.min_seq[u.w as usize].store(min, Relaxed);
         d.writer[u.w as usize].store(self.id as u32, Relaxed);
+    }
+
+    /// Give queued free wblocks (see `nsup`) an empty header, a few at a time: a free
+    /// wblock's old records are still on the device, where a cold start would find them, so
+    /// its floor (`min_seq`) holds back the tombstones of newer deletes until the wblock is
+    /// written again, which on a device with few writes may be never. A new header, written
+    /// with DSYNC, makes every record there stale; the wblock then holds no data.
+    pub(super) fn scrub_free(&mut self) {
+        const SCRUBS_IN_FLIGHT: usize = 4;
+        while self.scrubs.len() < SCRUBS_IN_FLIGHT && !self.read_only && self.stopping.is_none() {
+            let Some((dev, w)) = self.scrub_queue.pop_front() else { break };
+            let d = &self.shared.devs[dev as usize];
+            if self.wstate[dev as usize][w as usize] != WState::Free || d.min_seq[w as usize].load(Relaxed) == u64::MAX
+            {
+                continue;
+            }
+            let seq = self.shared.next_wblock_seq.fetch_add(1, Relaxed);
+            d.seq[w as usize].store(seq, Relaxed);
+            let h = WblockHeader {
+                shard: self.id as u16,
+                wblock_seq: seq,
+                wblock_id: w,
+                device_index: dev,
+                device_id: d.header.device_id,
+            };
+            let buf = WBuf::new(self.io.alloc(FLUSH_ALIGN));
+            buf.zero(0, FLUSH_ALIGN);
+            buf.write_at(0, &h.encode());
+            buf.freeze_to(FLUSH_ALIGN);
+            self.wstate[dev as usize][w as usize] = WState::Scrub;
+            let tag = self.tag();
+            self.io.push(IoRequest {
+                tag,
+                dev,
+                offset: w as u64 * self.wb(),
+                op: IoOp::Write { buf: Rc::new(buf), start: 0, end: FLUSH_ALIGN, dsync: true },
+            });
+            self.scrubs.insert(tag, (dev, w, seq));
+        }
+    }
+
+    fn scrub_done(&mut self, dev: u32, w: u32, seq: u64, c: IoCompletion) {
+        let IoCompletion { result, op, .. } = c;
+        if let IoOp::Write { buf, .. } = op {
+            self.recycle(buf);
+        }
+        match result {
+            Ok(_) => {
+                let stats = &self.shared.stats[self.id];
+                stats.device_writes.fetch_add(1, Relaxed);
+                stats.device_write_bytes.fetch_add(FLUSH_ALIGN as u64, Relaxed);
+                stats.free_wblocks_scrubbed.fetch_add(1, Relaxed);
+                let d = &self.shared.devs[dev as usize];
+                if d.seq[w as usize].load(Relaxed) == seq {
+                    d.min_seq[w as usize].store(u64::MAX, Relaxed);
+                    d.writer[w as usize].store(self.id as u32, Relaxed);
+                }
+            }
+            Err(e) => {
+                // The old header may be damaged or not: the floor stays as it was.
+                self.shared.stats[self.id].write_errors.fetch_add(1, Relaxed);
+                tracing::error!("shard {}: header write of free device {dev} wblock {w} failed: {e}", self.id);
+                self.latch_read_only();
+            }
+        }
+        self.wstate[dev as usize][w as usize] = WState::Free;
+        if self.scrub_popped.remove(&(dev, w)) {
+            self.free[dev as usize].push_back(w);
+            self.shared.stats[self.id].free_wblocks.fetch_add(1, Relaxed);
+        }
     }
 
     /// Return a wblock buffer to the backend (its arena slot, if any) once nothing else
@@ -376,6 +456,8 @@ impl Shard {
             self.read_done(p, c);
         } else if let Some((dev, w)) = self.defrag.reads.remove(&c.tag) {
             self.defrag_read_done(dev, w, c);
+        } else if let Some((dev, w, seq)) = self.scrubs.remove(&c.tag) {
+            self.scrub_done(dev, w, seq, c);
         } else if let Some((d, digests, overflow, firsts)) = self.fsyncs.remove(&c.tag) {
             self.fsync_inflight[d as usize] = false;
             if let Err(e) = c.result {
