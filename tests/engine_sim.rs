@@ -1528,6 +1528,9 @@ fn earlier_runs_copies_outlive_their_tombstone_or_not(first_write_lost: bool) {
     c.flush_max_ms = 3_600_000; // open wblocks are written when full or when told to
     c.nsup_period_secs = 1;
     c.defrag_lwm_pct = 1;
+    // Else wblock 1, free with the first run's copy in it, gets an empty header before
+    // shard 0 takes it (which also keeps `gone` deleted): this test is about the floor.
+    c.scrub_free_wblocks = false;
     let engine = open(&disks, c.clone());
     let free_before = engine.stats().free_wblocks;
     assert!(engine.execute(Command::delete(common::digest_of(gone).0)).is_ok());
@@ -1645,6 +1648,38 @@ fn tombstones_are_collected_on_an_idle_device() {
     assert!(st.free_wblocks_scrubbed >= 2, "{} free wblocks scrubbed", st.free_wblocks_scrubbed);
     assert!(st.defrag_reads >= 1, "the wblock holding the tombstones was moved");
     assert_eq!(st.tombstones_dropped, 200);
+    engine.crash();
+    drop(engine);
+    let engine = open(&disks, c);
+    check_latest(&engine, &latest, "after the crash");
+}
+
+/// After a restart every wblock holds an earlier run's records, which count in every
+/// shard's floor: a free one of shard 0 with such records holds shard 1's tombstones back
+/// too, so shard 0 gives it an empty header though it keeps no tombstones itself.
+#[test]
+fn a_shard_scrubs_its_free_wblocks_for_another_shards_tombstones() {
+    common::init_logs();
+    let disks = disks(1, 4 << 20);
+    let mut c = cfg(2);
+    c.nsup_period_secs = 1;
+    let engine = open(&disks, c.clone());
+    let (mut latest, _) = put_200(&engine);
+    engine.shutdown().expect("clean shutdown");
+    drop(engine);
+    // Run 2: shard 1's records are deleted, shard 0's written again, so every wblock of the
+    // first run is free.
+    let engine = open(&disks, c.clone());
+    let (ones, zeros): (Vec<u64>, Vec<u64>) = (0..200).partition(|&k| on_shard_of_two(k, 1));
+    for &key in &ones {
+        assert!(engine.execute(Command::delete(common::digest_of(key).0)).is_ok());
+        latest.insert(key, None);
+    }
+    put_all(&engine, zeros.into_iter(), 1000, &mut latest);
+    engine.flush();
+    assert_eq!(engine.stats().tombstones, ones.len() as u64);
+    wait_for("every tombstone is dropped", || engine.stats().tombstones == 0);
+    check_latest(&engine, &latest, "after the tombstones are dropped");
     engine.crash();
     drop(engine);
     let engine = open(&disks, c);

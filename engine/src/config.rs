@@ -43,6 +43,10 @@ pub struct EngineConfig {
     /// milliseconds (a bad sector would otherwise be read, and logged, at every defrag
     /// pause); freeing the wblock ends the wait too. Not a server option: tests shorten it.
     pub defrag_retry_unreadable_ms: u64,
+    /// Give free wblocks whose old records hold tombstones back an empty header (see the
+    /// expiry sweep). Not a server option: tests turn it off to check the floor's other
+    /// rules on their own.
+    pub scrub_free_wblocks: bool,
     /// `stop-writes-avail-pct`: below this share of free wblocks client writes get
     /// OUT_OF_SPACE (8); reads and deletes go on.
     pub stop_writes_avail_pct: u32,
@@ -77,6 +81,7 @@ impl EngineConfig {
             defrag_look_wblocks: 1 << 16,
             defrag_reserve_wblocks: 2,
             defrag_retry_unreadable_ms: 30_000,
+            scrub_free_wblocks: true,
             stop_writes_avail_pct: 5,
             nsup_period_secs: 120,
             ring_entries: 256,

@@ -220,6 +220,9 @@ pub(crate) struct ShardStats {
     /// Free wblocks given an empty header so that their old records stop holding
     /// tombstones back.
     pub free_wblocks_scrubbed: AtomicU64,
+    /// The sequence of the shard's oldest tombstone kept by its last expiry sweep (u64::MAX:
+    /// none; 0: no sweep yet), for the other shards' `unblock_tombstones`.
+    pub oldest_kept_tomb: AtomicU64,
     pub truncated: AtomicU64,
     pub cold_truncated: AtomicU64,
     /// Live records per set id, as of the shard's last `publish_stats`.

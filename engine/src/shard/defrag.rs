@@ -35,6 +35,7 @@ use crate::coldstart::{walk_step, Walk, WALK_STEP};
 use crate::format::{RecordMeta, RECORD_HEADER_BYTES, WBLOCK_HEADER_BYTES};
 use crate::index::{IndexEntry, Loc};
 use crate::io::{AlignedBuf, IoCompletion, IoOp, IoRequest};
+use crate::shared::NO_WRITER;
 use crate::types::{Digest, ResultCode};
 
 /// Below this share of free wblocks defrag runs without pausing between wblocks.
@@ -209,9 +210,10 @@ impl Shard {
         if self.wstate[dev as usize][w as usize] != WState::Used || self.frees_itself(dev, w) {
             return false;
         }
-        // A floor move also takes a wblock in the post-write cache: the idle device that
-        // needs one may never push it out.
-        self.defrag.floor_moves.contains(&(dev, w))
+        // A floor move also takes a wblock in the post-write cache (the idle device that
+        // needs one may never push it out), once all its writes are done.
+        (self.defrag.floor_moves.contains(&(dev, w))
+            && self.mem.get(&(dev, w)).is_none_or(|m| m.sealed && m.inflight == 0))
             || (!self.mem.contains_key(&(dev, w))
                 && self.sparse(dev, w)
                 && self.defrag.rested.get(&(dev, w)).is_none_or(|&at| self.shared.live(dev, w) < at))
@@ -632,36 +634,70 @@ impl Shard {
         }
     }
 
-    /// Tombstones are kept, the oldest with sequence `oldest`: get the wblocks of this shard
-    /// whose dead records hold them back out of the way, so that a later sweep can drop them.
+    /// Get the wblocks of this shard whose dead records hold kept tombstones back out of the
+    /// way, so that a later sweep can drop them.
     /// - A free wblock's old records stay on the device (a cold start would find them) until
     ///   it is written again, which on a device with few writes may be never: it is given an
-    ///   empty header (`scrub_free`).
-    /// - A used one whose oldest data record is dead (its live records are all newer) is
-    ///   moved whatever its fill (`DefragState::floor_moves`): a wblock that holds mostly
-    ///   tombstones, live, would otherwise never qualify, and the dead records written before
-    ///   them would keep every later tombstone too. One whose oldest data record is live
-    ///   holds the floor rightly, and moving it would not raise it (copies keep their
-    ///   sequence), so it stays.
+    ///   empty header (`scrub_free`). One an earlier run wrote counts in every shard's floor,
+    ///   so any shard's kept tombstones (`ShardStats::oldest_kept_tomb`) are reason enough.
+    /// - A used one that this shard wrote, whose oldest data record is dead (its live
+    ///   records are all newer), is moved whatever its fill (`DefragState::floor_moves`): a
+    ///   wblock that holds mostly tombstones, live, would otherwise never qualify, and the
+    ///   dead records written before them would keep every later tombstone too. Not one
+    ///   whose oldest data record is live, nor anything above the oldest live record of the
+    ///   shard: moving those would not raise the floor (copies keep their sequence).
     /// - An open wblock (client or defrag stream) is sealed when it is such a one, so that it
     ///   can be moved.
     ///
-    /// `live_min`: the oldest live data record of each wblock, by device.
-    fn unblock_tombstones(&mut self, oldest: u64, live_min: &[Vec<u64>]) {
+    /// `own`: the oldest kept tombstone of this shard and the oldest live data record of
+    /// each wblock, by device (None: no tombstones here).
+    fn unblock_tombstones(&mut self, own: Option<(u64, &[Vec<u64>])>) {
+        if self.read_only {
+            return;
+        }
         let shared = self.shared.clone();
+        // The wblocks of earlier runs count in every shard's floor.
+        let any_shard =
+            shared.stats.iter().map(|s| s.oldest_kept_tomb.load(Relaxed)).filter(|&t| t != 0 && t != u64::MAX).max();
+        // Moving a wblock helps only below the oldest live record too.
+        let own = own.map(|(oldest, live_min)| {
+            let live_floor = live_min.iter().flatten().copied().min().unwrap_or(u64::MAX);
+            (oldest.min(live_floor), live_min)
+        });
         let mut blocking: Vec<(u32, u32)> = Vec::new();
         for (d, dev) in shared.devs.iter().enumerate() {
             for w in 1..dev.n_wblocks {
-                let min = dev.min_seq[w as usize].load(Relaxed);
-                if min >= oldest {
+                let mut min = dev.min_seq[w as usize].load(Relaxed);
+                if min == u64::MAX {
                     continue;
                 }
-                match self.wstate[d][w as usize] {
-                    WState::Free if self.scrub_queue.len() < 4096 => self.scrub_queue.push_back((d as u32, w)),
-                    // Only when a dead record is the oldest: moving live ones would not
-                    // raise the floor.
-                    WState::Used | WState::Open if live_min[d][w as usize] > min => blocking.push((d as u32, w)),
-                    _ => {}
+                let writer = dev.writer[w as usize].load(Relaxed);
+                let mine = writer == self.id as u32;
+                let state = self.wstate[d][w as usize];
+                if state == WState::Free {
+                    let below = if mine {
+                        own.map(|o| o.0)
+                    } else if writer == NO_WRITER {
+                        any_shard
+                    } else {
+                        None
+                    };
+                    if below.is_some_and(|b| min < b) && shared.cfg.scrub_free_wblocks && self.scrub_queue.len() < 4096
+                    {
+                        self.scrub_queue.push_back((d as u32, w));
+                    }
+                    continue;
+                }
+                let Some((below, live_min)) = own.filter(|_| mine) else { continue };
+                if let Some(m) = self.mem.get(&(d as u32, w)) {
+                    // Until its first write is durable `min_seq` still holds the previous
+                    // use's floor: what this use holds is its own.
+                    min = m.use_min_seq;
+                }
+                // Only when a dead record is the oldest: moving live ones would not raise
+                // the floor.
+                if min < below && live_min[d][w as usize] > min && matches!(state, WState::Used | WState::Open) {
+                    blocking.push((d as u32, w));
                 }
             }
         }
@@ -728,9 +764,9 @@ impl Shard {
             self.release(t.loc);
         }
         stats.tombstones_dropped.fetch_add(dead_tombs.len() as u64, Relaxed);
-        if oldest_kept_tomb != u64::MAX && !live_min.is_empty() {
-            self.unblock_tombstones(oldest_kept_tomb, &live_min);
-        }
+        stats.oldest_kept_tomb.store(oldest_kept_tomb, Relaxed);
+        let own = (oldest_kept_tomb != u64::MAX && !live_min.is_empty()).then_some((oldest_kept_tomb, &live_min[..]));
+        self.unblock_tombstones(own);
         let mut n_expired = 0u64;
         for e in expired {
             if e.fresh {

@@ -331,7 +331,15 @@ impl Shard {
     pub(super) fn scrub_free(&mut self) {
         const SCRUBS_IN_FLIGHT: usize = 4;
         while self.scrubs.len() < SCRUBS_IN_FLIGHT && !self.read_only && self.stopping.is_none() {
-            let Some((dev, w)) = self.scrub_queue.pop_front() else { break };
+            let Some(&(dev, w)) = self.scrub_queue.front() else { break };
+            // Only once every write completed on the device is durable: the wblock may have
+            // been freed by a write not fsynced yet (its bytes released when the newer copy's
+            // write completed), and a power loss would then take the newer copy and leave
+            // the older one here gone too, and with it, say, a tombstone.
+            if self.writes_since_fsync[dev as usize] || self.fsync_inflight[dev as usize] {
+                break;
+            }
+            self.scrub_queue.pop_front();
             let d = &self.shared.devs[dev as usize];
             if self.wstate[dev as usize][w as usize] != WState::Free || d.min_seq[w as usize].load(Relaxed) == u64::MAX
             {
