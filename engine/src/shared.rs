@@ -223,6 +223,10 @@ pub(crate) struct ShardStats {
     /// The sequence of the shard's oldest tombstone kept by its last expiry sweep (u64::MAX:
     /// none; 0: no sweep yet), for the other shards' `unblock_tombstones`.
     pub oldest_kept_tomb: AtomicU64,
+    /// Whether the shard has device writes completed and not yet made durable by a completed
+    /// fsync: another shard's scrub waits for this (a write of this shard may have freed its
+    /// wblock, after a change of the shard count).
+    pub writes_unsynced: AtomicBool,
     pub truncated: AtomicU64,
     pub cold_truncated: AtomicU64,
     /// Live records per set id, as of the shard's last `publish_stats`.

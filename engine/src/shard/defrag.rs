@@ -649,21 +649,21 @@ impl Shard {
     /// - An open wblock (client or defrag stream) is sealed when it is such a one, so that it
     ///   can be moved.
     ///
-    /// `own`: the oldest kept tombstone of this shard and the oldest live data record of
-    /// each wblock, by device (None: no tombstones here).
-    fn unblock_tombstones(&mut self, own: Option<(u64, &[Vec<u64>])>) {
-        if self.read_only {
+    /// `oldest`: this shard's oldest kept tombstone (u64::MAX: none); `live_min`: the oldest
+    /// live data record of each of its wblocks, by device.
+    fn unblock_tombstones(&mut self, oldest: u64, live_min: &[Vec<u64>]) {
+        self.scrub_queue.clear();
+        if self.read_only || live_min.is_empty() {
             return;
         }
         let shared = self.shared.clone();
         // The wblocks of earlier runs count in every shard's floor.
         let any_shard =
             shared.stats.iter().map(|s| s.oldest_kept_tomb.load(Relaxed)).filter(|&t| t != 0 && t != u64::MAX).max();
-        // Moving a wblock helps only below the oldest live record too.
-        let own = own.map(|(oldest, live_min)| {
-            let live_floor = live_min.iter().flatten().copied().min().unwrap_or(u64::MAX);
-            (oldest.min(live_floor), live_min)
-        });
+        // This shard's floor cannot pass its oldest live record: with a tombstone above that,
+        // nothing done here would let it go.
+        let live_floor = live_min.iter().flatten().copied().min().unwrap_or(u64::MAX);
+        let own = (oldest < live_floor).then_some(oldest);
         let mut blocking: Vec<(u32, u32)> = Vec::new();
         for (d, dev) in shared.devs.iter().enumerate() {
             for w in 1..dev.n_wblocks {
@@ -671,27 +671,27 @@ impl Shard {
                 if min == u64::MAX {
                     continue;
                 }
+                // Whose floors the wblock counts in (as `Shared::data_floor` has it).
                 let writer = dev.writer[w as usize].load(Relaxed);
-                let mine = writer == self.id as u32;
+                let below = if writer == self.id as u32 {
+                    own
+                } else if writer == NO_WRITER {
+                    any_shard
+                } else {
+                    None
+                };
+                let Some(below) = below else { continue };
                 let state = self.wstate[d][w as usize];
                 if state == WState::Free {
-                    let below = if mine {
-                        own.map(|o| o.0)
-                    } else if writer == NO_WRITER {
-                        any_shard
-                    } else {
-                        None
-                    };
-                    if below.is_some_and(|b| min < b) && shared.cfg.scrub_free_wblocks && self.scrub_queue.len() < 4096
-                    {
+                    if min < below && shared.cfg.scrub_free_wblocks && self.scrub_queue.len() < 4096 {
                         self.scrub_queue.push_back((d as u32, w));
                     }
                     continue;
                 }
-                let Some((below, live_min)) = own.filter(|_| mine) else { continue };
                 if let Some(m) = self.mem.get(&(d as u32, w)) {
                     // Until its first write is durable `min_seq` still holds the previous
-                    // use's floor: what this use holds is its own.
+                    // use's floor (let go of then, not by a move): what this use holds is its
+                    // own.
                     min = m.use_min_seq;
                 }
                 // Only when a dead record is the oldest: moving live ones would not raise
@@ -733,7 +733,11 @@ impl Shard {
         // With tombstones about: the oldest live data record of each wblock, for
         // `unblock_tombstones`.
         let wb = self.wb();
-        let mut live_min: Vec<Vec<u64>> = if self.index.tombstones() > 0 {
+        let others_keep = self.shared.stats.iter().enumerate().any(|(i, s)| {
+            let t = s.oldest_kept_tomb.load(Relaxed);
+            i != self.id && t != 0 && t != u64::MAX
+        });
+        let mut live_min: Vec<Vec<u64>> = if self.index.tombstones() > 0 || others_keep {
             self.shared.devs.iter().map(|d| vec![u64::MAX; d.n_wblocks as usize]).collect()
         } else {
             Vec::new()
@@ -765,8 +769,7 @@ impl Shard {
         }
         stats.tombstones_dropped.fetch_add(dead_tombs.len() as u64, Relaxed);
         stats.oldest_kept_tomb.store(oldest_kept_tomb, Relaxed);
-        let own = (oldest_kept_tomb != u64::MAX && !live_min.is_empty()).then_some((oldest_kept_tomb, &live_min[..]));
-        self.unblock_tombstones(own);
+        self.unblock_tombstones(oldest_kept_tomb, &live_min);
         let mut n_expired = 0u64;
         for e in expired {
             if e.fresh {

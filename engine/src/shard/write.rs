@@ -2,6 +2,7 @@
 //! timers, space (live bytes, freeing, the post-write cache) and I/O completions.
 
 use super::*;
+use std::sync::atomic::Ordering::SeqCst;
 
 /// A wblock use whose first write completed without DSYNC, waiting for an fsync to let go
 /// of the previous use (`Shard::settle`): the wblock, the use's write sequence, and the
@@ -216,6 +217,13 @@ impl Shard {
                 self.fsyncs.insert(tag, (d as u32, listed, overflow, firsts));
             }
         }
+        self.publish_unsynced();
+    }
+
+    /// `ShardStats::writes_unsynced`, from the per-device flags.
+    fn publish_unsynced(&self) {
+        let unsynced = self.writes_since_fsync.iter().chain(&self.fsync_inflight).any(|&b| b);
+        self.shared.stats[self.id].writes_unsynced.store(unsynced, SeqCst);
     }
 
     /// Free wblocks of this shard whose live bytes were released by other shards.
@@ -335,8 +343,12 @@ impl Shard {
             // Only once every write completed on the device is durable: the wblock may have
             // been freed by a write not fsynced yet (its bytes released when the newer copy's
             // write completed), and a power loss would then take the newer copy and leave
-            // the older one here gone too, and with it, say, a tombstone.
-            if self.writes_since_fsync[dev as usize] || self.fsync_inflight[dev as usize] {
+            // the older one here gone too, and with it, say, a tombstone. After a change of
+            // the shard count that write may be another shard's (its flag covers all its
+            // devices).
+            let others_unsynced =
+                self.shared.stats.iter().enumerate().any(|(i, s)| i != self.id && s.writes_unsynced.load(SeqCst));
+            if self.writes_since_fsync[dev as usize] || self.fsync_inflight[dev as usize] || others_unsynced {
                 break;
             }
             self.scrub_queue.pop_front();
@@ -468,6 +480,7 @@ impl Shard {
             self.scrub_done(dev, w, seq, c);
         } else if let Some((d, digests, overflow, firsts)) = self.fsyncs.remove(&c.tag) {
             self.fsync_inflight[d as usize] = false;
+            self.publish_unsynced();
             if let Err(e) = c.result {
                 tracing::error!("shard {}: fsync of device {d} failed: {e}", self.id);
                 self.shared.stats[self.id].write_errors.fetch_add(1, Relaxed);
@@ -504,6 +517,8 @@ impl Shard {
                 stats.device_writes.fetch_add(1, Relaxed);
                 stats.device_write_bytes.fetch_add(info.bytes as u64, Relaxed);
                 self.writes_since_fsync[info.dev as usize] = true;
+                // Before the releases below, which may let another shard free a wblock.
+                self.shared.stats[self.id].writes_unsynced.store(true, SeqCst);
                 if !info.dsync {
                     let u = &mut self.unsynced[info.dev as usize];
                     if self.read_only {
