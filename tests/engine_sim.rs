@@ -1667,10 +1667,7 @@ fn tombstones_are_collected_with_no_more_writes(restart: bool) {
     assert!(st.free_wblocks_scrubbed >= 2, "{} free wblocks scrubbed", st.free_wblocks_scrubbed);
     assert!(st.defrag_reads >= 1, "the wblock holding the tombstones was moved");
     assert_eq!(st.tombstones_dropped, 200);
-    engine.crash();
-    drop(engine);
-    let engine = open(&disks, c);
-    check_latest(&engine, &latest, "after the crash");
+    crash_and_check(engine, &disks, c, &latest);
 }
 
 /// After a restart every wblock holds an earlier run's records, which count in every
@@ -1699,8 +1696,14 @@ fn a_shard_scrubs_its_free_wblocks_for_another_shards_tombstones() {
     assert_eq!(engine.stats().tombstones, ones.len() as u64);
     wait_for("every tombstone is dropped", || engine.stats().tombstones == 0);
     check_latest(&engine, &latest, "after the tombstones are dropped");
+    crash_and_check(engine, &disks, c, &latest);
+}
+
+/// Stop `engine` as a crash would, reopen `disks`, and check that every key reads back its
+/// latest version.
+fn crash_and_check(engine: Engine, disks: &[SimDisk], c: EngineConfig, latest: &Latest) {
     engine.crash();
     drop(engine);
-    let engine = open(&disks, c);
-    check_latest(&engine, &latest, "after the crash");
+    let engine = open(disks, c);
+    check_latest(&engine, latest, "after the crash");
 }

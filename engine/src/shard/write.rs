@@ -57,21 +57,12 @@ impl Shard {
             self.scrub_popped.insert((dev, w));
             self.shared.stats[self.id].free_wblocks.fetch_sub(1, Relaxed);
         };
-        let seq = self.shared.next_wblock_seq.fetch_add(1, Relaxed);
-        let d = &self.shared.devs[dev as usize];
-        d.seq[w as usize].store(seq, Relaxed);
         // `writer` stays as it is until this use's first write is durable: copies an earlier
         // run left here (of any shard's records, should the shard count have changed) are
         // on the device until then, and every shard's floor must go on counting them.
+        let header = self.begin_use(dev, w);
         let buf = Rc::new(WBuf::new(self.io.alloc(self.wb() as usize)));
-        let h = WblockHeader {
-            shard: self.id as u16,
-            wblock_seq: seq,
-            wblock_id: w,
-            device_index: dev,
-            device_id: d.header.device_id,
-        };
-        buf.write_at(0, &h.encode());
+        buf.write_at(0, &header);
         self.mem.insert((dev, w), MemWb { buf: buf.clone(), inflight: 0, sealed: false, use_min_seq: u64::MAX });
         self.wstate[dev as usize][w as usize] = WState::Open;
         self.open[slot(dev, stream)] = Some(OpenWb {
@@ -93,6 +84,22 @@ impl Shard {
             stats.defrag_writes.fetch_add(1, Relaxed);
         }
         Ok(())
+    }
+
+    /// A new use of wblock `w` of `dev`: its write sequence, taken now and recorded in
+    /// `DevShared::seq`, and the header that starts it on the device.
+    fn begin_use(&self, dev: u32, w: u32) -> [u8; WBLOCK_HEADER_BYTES] {
+        let seq = self.shared.next_wblock_seq.fetch_add(1, Relaxed);
+        let d = &self.shared.devs[dev as usize];
+        d.seq[w as usize].store(seq, Relaxed);
+        WblockHeader {
+            shard: self.id as u16,
+            wblock_seq: seq,
+            wblock_id: w,
+            device_index: dev,
+            device_id: d.header.device_id,
+        }
+        .encode()
     }
 
     /// Write the open wblock's remaining bytes and retire it to the post-write cache.
@@ -357,18 +364,11 @@ impl Shard {
             {
                 continue;
             }
-            let seq = self.shared.next_wblock_seq.fetch_add(1, Relaxed);
-            d.seq[w as usize].store(seq, Relaxed);
-            let h = WblockHeader {
-                shard: self.id as u16,
-                wblock_seq: seq,
-                wblock_id: w,
-                device_index: dev,
-                device_id: d.header.device_id,
-            };
+            let header = self.begin_use(dev, w);
+            let seq = d.seq[w as usize].load(Relaxed);
             let buf = WBuf::new(self.io.alloc(FLUSH_ALIGN));
             buf.zero(0, FLUSH_ALIGN);
-            buf.write_at(0, &h.encode());
+            buf.write_at(0, &header);
             buf.freeze_to(FLUSH_ALIGN);
             self.wstate[dev as usize][w as usize] = WState::Scrub;
             let tag = self.tag();
