@@ -640,10 +640,11 @@ impl Shard {
     ///   it is written again, which on a device with few writes may be never: it is given an
     ///   empty header (`scrub_free`). One an earlier run wrote counts in every shard's floor,
     ///   so any shard's kept tombstones (`ShardStats::oldest_kept_tomb`) are reason enough.
-    /// - A used one that this shard wrote, whose oldest data record is dead (its live
-    ///   records are all newer), is moved whatever its fill (`DefragState::floor_moves`): a
-    ///   wblock that holds mostly tombstones, live, would otherwise never qualify, and the
-    ///   dead records written before them would keep every later tombstone too. Not one
+    /// - A used one of this shard (written by it, or by an earlier run: after any restart
+    ///   every wblock is one), whose oldest data record is dead (its live records are all
+    ///   newer), is moved whatever its fill (`DefragState::floor_moves`): a wblock that
+    ///   holds mostly tombstones, live, would otherwise never qualify, and the dead records
+    ///   written before them would keep every later tombstone too. Not one
     ///   whose oldest data record is live, nor anything above the oldest live record of the
     ///   shard: moving those would not raise the floor (copies keep their sequence).
     /// - An open wblock (client or defrag stream) is sealed when it is such a one, so that it
