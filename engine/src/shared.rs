@@ -177,6 +177,11 @@ impl Shared {
         floor
     }
 
+    /// The oldest tombstone `shard` kept at its last expiry sweep, if it kept any.
+    pub fn kept_tomb(&self, shard: usize) -> Option<u64> {
+        Some(self.stats[shard].oldest_kept_tomb.load(Relaxed)).filter(|&t| t != 0 && t != u64::MAX)
+    }
+
     pub fn live(&self, dev: u32, w: u32) -> u32 {
         self.devs[dev as usize].live[w as usize].load(Relaxed)
     }

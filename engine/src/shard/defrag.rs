@@ -659,8 +659,7 @@ impl Shard {
         }
         let shared = self.shared.clone();
         // The wblocks of earlier runs count in every shard's floor.
-        let any_shard =
-            shared.stats.iter().map(|s| s.oldest_kept_tomb.load(Relaxed)).filter(|&t| t != 0 && t != u64::MAX).max();
+        let any_shard = (0..shared.n_shards).filter_map(|i| shared.kept_tomb(i)).max();
         // This shard's floor cannot pass its oldest live record: with a tombstone above that,
         // nothing done here would let it go.
         let live_floor = live_min.iter().flatten().copied().min().unwrap_or(u64::MAX);
@@ -683,6 +682,9 @@ impl Shard {
                 };
                 let Some(below) = below else { continue };
                 let state = self.wstate[d][w as usize];
+                if !matches!(state, WState::Free | WState::Used | WState::Open) {
+                    continue;
+                }
                 if state == WState::Free {
                     if min < below && shared.cfg.scrub_free_wblocks && self.scrub_queue.len() < 4096 {
                         self.scrub_queue.push_back((d as u32, w));
@@ -697,7 +699,7 @@ impl Shard {
                 }
                 // Only when a dead record is the oldest: moving live ones would not raise
                 // the floor.
-                if min < below && live_min[d][w as usize] > min && matches!(state, WState::Used | WState::Open) {
+                if min < below && live_min[d][w as usize] > min {
                     blocking.push((d as u32, w));
                 }
             }
@@ -734,10 +736,7 @@ impl Shard {
         // With tombstones about: the oldest live data record of each wblock, for
         // `unblock_tombstones`.
         let wb = self.wb();
-        let others_keep = self.shared.stats.iter().enumerate().any(|(i, s)| {
-            let t = s.oldest_kept_tomb.load(Relaxed);
-            i != self.id && t != 0 && t != u64::MAX
-        });
+        let others_keep = (0..self.shared.n_shards).any(|i| i != self.id && self.shared.kept_tomb(i).is_some());
         let mut live_min: Vec<Vec<u64>> = if self.index.tombstones() > 0 || others_keep {
             self.shared.devs.iter().map(|d| vec![u64::MAX; d.n_wblocks as usize]).collect()
         } else {

@@ -222,10 +222,8 @@ pub(crate) struct Shard {
     cache_limit: usize,
     writes: HashMap<u64, WriteInfo>,
     reads: HashMap<u64, PendingRead>,
-    /// Fsyncs in flight: the device, the client records whose writes it makes durable,
-    /// whether some were too many to list (`unsynced_overflow`), and the wblocks whose
-    /// first writes it makes durable (`unsettled`).
-    fsyncs: HashMap<u64, (u32, Vec<Digest>, bool, Vec<write::Unsettled>)>,
+    /// Fsyncs in flight, by tag.
+    fsyncs: HashMap<u64, write::FsyncInFlight>,
     /// Per device, client records written without DSYNC since the last fsync was sent.
     unsynced: Vec<Vec<Digest>>,
     /// Per device, wblocks whose new use's first write completed without DSYNC since the

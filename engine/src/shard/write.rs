@@ -4,6 +4,16 @@
 use super::*;
 use std::sync::atomic::Ordering::SeqCst;
 
+/// An fsync in flight: its device, the client records whose writes it makes durable,
+/// whether some were too many to list (`unsynced_overflow`), and the wblock uses whose first
+/// writes it makes durable (`unsettled`).
+pub(super) struct FsyncInFlight {
+    dev: u32,
+    digests: Vec<Digest>,
+    overflow: bool,
+    firsts: Vec<Unsettled>,
+}
+
 /// A wblock use whose first write completed without DSYNC, waiting for an fsync to let go
 /// of the previous use (`Shard::settle`): the wblock, the use's write sequence, and the
 /// smallest data record sequence of the use known when it left memory.
@@ -221,7 +231,7 @@ impl Shard {
                 let listed = std::mem::take(&mut self.unsynced[d]);
                 let overflow = std::mem::take(&mut self.unsynced_overflow[d]);
                 let firsts = std::mem::take(&mut self.unsettled[d]);
-                self.fsyncs.insert(tag, (d as u32, listed, overflow, firsts));
+                self.fsyncs.insert(tag, FsyncInFlight { dev: d as u32, digests: listed, overflow, firsts });
             }
         }
         self.publish_unsynced();
@@ -315,7 +325,7 @@ impl Shard {
             // A use not settled yet keeps its smallest sequence for `settle`.
             let waiting = self.unsettled[dev as usize]
                 .iter_mut()
-                .chain(self.fsyncs.values_mut().filter(|f| f.0 == dev).flat_map(|f| f.3.iter_mut()));
+                .chain(self.fsyncs.values_mut().filter(|f| f.dev == dev).flat_map(|f| f.firsts.iter_mut()));
             for u in waiting.filter(|u| u.w == w) {
                 u.min = u.min.min(mw.use_min_seq);
             }
@@ -437,11 +447,11 @@ impl Shard {
         // durable: every other client record not yet known durable is treated as lost
         // (written and not fsynced, under an fsync still in flight, being written without
         // DSYNC, or waiting in an open wblock for a flush that will not be DSYNC either).
-        if self.unsynced_overflow.iter().any(|&o| o) || self.fsyncs.values().any(|f| f.2) {
+        if self.unsynced_overflow.iter().any(|&o| o) || self.fsyncs.values().any(|f| f.overflow) {
             self.lost_all = true;
         }
         let mut doomed: Vec<Digest> = self.unsynced.iter_mut().flat_map(|u| u.drain(..)).collect();
-        doomed.extend(self.fsyncs.values().flat_map(|(_, d, _, _)| d.iter().copied()));
+        doomed.extend(self.fsyncs.values().flat_map(|f| f.digests.iter().copied()));
         doomed.extend(self.writes.values().filter(|w| !w.dsync).flat_map(|w| w.digests.iter().copied()));
         if !self.shared.cfg.commit_to_device {
             doomed.extend(self.open.iter().flatten().flat_map(|o| o.digests.iter().copied()));
@@ -478,7 +488,7 @@ impl Shard {
             self.defrag_read_done(dev, w, c);
         } else if let Some((dev, w, seq)) = self.scrubs.remove(&c.tag) {
             self.scrub_done(dev, w, seq, c);
-        } else if let Some((d, digests, overflow, firsts)) = self.fsyncs.remove(&c.tag) {
+        } else if let Some(FsyncInFlight { dev: d, digests, overflow, firsts }) = self.fsyncs.remove(&c.tag) {
             self.fsync_inflight[d as usize] = false;
             self.publish_unsynced();
             if let Err(e) = c.result {
