@@ -228,10 +228,15 @@ pub(crate) struct ShardStats {
     /// The sequence of the shard's oldest tombstone kept by its last expiry sweep (u64::MAX:
     /// none; 0: no sweep yet), for the other shards' `unblock_tombstones`.
     pub oldest_kept_tomb: AtomicU64,
-    /// Whether the shard has device writes completed and not yet made durable by a completed
-    /// fsync: another shard's scrub waits for this (a write of this shard may have freed its
-    /// wblock, after a change of the shard count).
-    pub writes_unsynced: AtomicBool,
+    /// Device writes of the shard completed so far (numbered from 1 in completion order),
+    /// published before the releases of each: a wblock freed by a release is freed after its
+    /// write's number was.
+    pub writes_completed: AtomicU64,
+    /// Every write numbered up to this is durable (covered by a completed fsync). A scrub
+    /// waits until every shard's `writes_synced` has reached its `writes_completed` as of
+    /// when the scrub was queued: the wblock may have been freed by a write not yet durable,
+    /// of another shard after a change of the shard count.
+    pub writes_synced: AtomicU64,
     pub truncated: AtomicU64,
     pub cold_truncated: AtomicU64,
     /// Live records per set id, as of the shard's last `publish_stats`.

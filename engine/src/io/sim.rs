@@ -54,6 +54,9 @@ pub struct SimFaults {
     /// Every read completes this many milliseconds after it is submitted (its data is
     /// taken then): a slow device, for tests of what happens while reads are in flight.
     pub read_delay_ms: u64,
+    /// Every fsync completes this many milliseconds after it is submitted: a device slow to
+    /// make writes durable, for tests of what waits for that.
+    pub fsync_delay_ms: u64,
 }
 
 /// A simulated disk. Clones are handles to the same disk.
@@ -152,8 +155,14 @@ impl SimDisk {
         self.state().writes_seen
     }
 
-    fn read_delay(&self) -> Duration {
-        Duration::from_millis(self.state().faults.read_delay_ms)
+    /// How long `op` is held back before it is executed (`read_delay_ms`, `fsync_delay_ms`).
+    fn delay(&self, op: &IoOp) -> Duration {
+        let f = &self.state().faults;
+        Duration::from_millis(match op {
+            IoOp::Read { .. } => f.read_delay_ms,
+            IoOp::Fsync => f.fsync_delay_ms,
+            _ => 0,
+        })
     }
 
     /// True once a `crash_after_writes` fault has fired.
@@ -367,7 +376,9 @@ pub struct SimBackend {
     infos: Vec<DeviceInfo>,
     doorbell: Option<Wake>,
     pending: VecDeque<IoRequest>,
-    /// Reads held back by [`SimFaults::read_delay_ms`], with the time each is due.
+    /// Reads and fsyncs held back by [`SimFaults::read_delay_ms`] and
+    /// [`SimFaults::fsync_delay_ms`], with the time each is due (in submission order: one
+    /// due earlier behind one due later waits for it).
     delayed: VecDeque<(Instant, IoRequest)>,
     ready: VecDeque<IoCompletion>,
     rung: bool,
@@ -416,12 +427,10 @@ impl IoBackend for SimBackend {
     fn submit_and_wait(&mut self, wait: bool, timeout: Option<Duration>) -> Result<(), DeviceError> {
         let now = Instant::now();
         while let Some(req) = self.pending.pop_front() {
-            if matches!(req.op, IoOp::Read { .. }) {
-                let delay = self.disks[req.dev as usize].read_delay();
-                if !delay.is_zero() {
-                    self.delayed.push_back((now + delay, req));
-                    continue;
-                }
+            let delay = self.disks[req.dev as usize].delay(&req.op);
+            if !delay.is_zero() {
+                self.delayed.push_back((now + delay, req));
+                continue;
             }
             let c = self.execute(req);
             self.ready.push_back(c);
@@ -435,7 +444,7 @@ impl IoBackend for SimBackend {
             return Ok(());
         }
         let block = wait && self.ready.is_empty();
-        // A delayed read is due by then: wake for it.
+        // A delayed request is due by then: wake for it.
         let timeout = match self.delayed.front() {
             Some((due, _)) => {
                 Some(timeout.map_or(due.saturating_duration_since(now), |t| t.min(due.saturating_duration_since(now))))

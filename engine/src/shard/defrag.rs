@@ -27,7 +27,7 @@
 //!   expired record is replaced by a tombstone, so an older copy can never come back.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::time::{Duration, Instant};
 
 use super::{slot, Reply, Shard, WState, DEFRAG};
@@ -653,11 +653,20 @@ impl Shard {
     /// `oldest`: this shard's oldest kept tombstone (u64::MAX: none); `live_min`: the oldest
     /// live data record of each of its wblocks, by device.
     fn unblock_tombstones(&mut self, oldest: u64, live_min: &[Vec<u64>]) {
-        self.scrub_queue.clear();
         if self.read_only || live_min.is_empty() {
+            self.scrub_queue.clear();
             return;
         }
         let shared = self.shared.clone();
+        // The scrub queue is filled again only once what its scrubs wait for is over (else
+        // each sweep would start the wait again): the wblocks freed since wait for the next
+        // sweep. Each shard's completed writes are counted before looking at the free
+        // wblocks, so whatever freed one of them is counted.
+        let refill = self.scrub_queue.is_empty() || self.scrub_wait_over();
+        if refill {
+            self.scrub_queue.clear();
+            self.scrub_after = shared.stats.iter().map(|s| s.writes_completed.load(SeqCst)).collect();
+        }
         // The wblocks of earlier runs count in every shard's floor.
         let any_shard = (0..shared.n_shards).filter_map(|i| shared.kept_tomb(i)).max();
         // This shard's floor cannot pass its oldest live record: with a tombstone above that,
@@ -686,7 +695,7 @@ impl Shard {
                     continue;
                 }
                 if state == WState::Free {
-                    if min < below && shared.cfg.scrub_free_wblocks && self.scrub_queue.len() < 4096 {
+                    if refill && min < below && shared.cfg.scrub_free_wblocks && self.scrub_queue.len() < 4096 {
                         self.scrub_queue.push_back((d as u32, w));
                     }
                     continue;

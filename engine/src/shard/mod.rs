@@ -235,6 +235,9 @@ pub(crate) struct Shard {
     /// (`scrub_free`), and the header writes in flight: tag → (device, wblock, its new write
     /// sequence).
     scrub_queue: VecDeque<(u32, u32)>,
+    /// Every shard's `writes_completed` when `scrub_queue` was filled: its scrubs wait until
+    /// each shard's `writes_synced` has come that far.
+    scrub_after: Vec<u64>,
     scrubs: HashMap<u64, (u32, u32, u64)>,
     /// Wblocks being scrubbed that `open_wblock` took off the free list: back on it when
     /// the write completes.
@@ -263,7 +266,14 @@ pub(crate) struct Shard {
     /// Bytes handed to the device and not yet completed.
     inflight_write_bytes: u64,
     write_cache_limit: u64,
-    writes_since_fsync: Vec<bool>,
+    /// Device writes completed (successfully) so far, numbered in completion order
+    /// (`ShardStats::writes_completed`).
+    writes_completed: u64,
+    /// Per device: the number of the first write completed since the last fsync was sent
+    /// (u64::MAX: none, nothing to fsync).
+    unsynced_first: Vec<u64>,
+    /// The number of the first write a failed fsync was to make durable (u64::MAX: none).
+    fsync_failed_first: u64,
     fsync_inflight: Vec<bool>,
     last_timer: Instant,
     last_sweep: Instant,
@@ -360,6 +370,7 @@ impl Shard {
             unsynced: vec![Vec::new(); n_devs],
             unsettled: (0..n_devs).map(|_| Vec::new()).collect(),
             scrub_queue: VecDeque::new(),
+            scrub_after: Vec::new(),
             scrubs: HashMap::new(),
             scrub_popped: HashSet::new(),
             scans: HashMap::new(),
@@ -376,7 +387,9 @@ impl Shard {
             unsynced_overflow: vec![false; n_devs],
             inflight_write_bytes: 0,
             write_cache_limit,
-            writes_since_fsync: vec![false; n_devs],
+            writes_completed: 0,
+            unsynced_first: vec![u64::MAX; n_devs],
+            fsync_failed_first: u64::MAX,
             fsync_inflight: vec![false; n_devs],
             last_timer: Instant::now(),
             last_sweep: Instant::now(),
@@ -502,7 +515,7 @@ impl Shard {
                             self.flush(s, true);
                         }
                         self.stopping = Some(done);
-                    } else if self.writes_since_fsync.iter().any(|&b| b) {
+                    } else if self.unsynced_first.iter().any(|&f| f != u64::MAX) {
                         self.fsync_all();
                         self.stopping = Some(done);
                     } else {

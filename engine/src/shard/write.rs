@@ -4,11 +4,14 @@
 use super::*;
 use std::sync::atomic::Ordering::SeqCst;
 
-/// An fsync in flight: its device, the client records whose writes it makes durable,
-/// whether some were too many to list (`unsynced_overflow`), and the wblock uses whose first
-/// writes it makes durable (`unsettled`).
+/// An fsync in flight: its device, the number of the first write it makes durable (it
+/// covers every write completed on the device from that one until it was sent), the client
+/// records whose writes it makes durable, whether some were too many to list
+/// (`unsynced_overflow`), and the wblock uses whose first writes it makes durable
+/// (`unsettled`).
 pub(super) struct FsyncInFlight {
     dev: u32,
+    first: u64,
     digests: Vec<Digest>,
     overflow: bool,
     firsts: Vec<Unsettled>,
@@ -222,25 +225,41 @@ impl Shard {
     }
 
     pub(super) fn fsync_all(&mut self) {
-        for d in 0..self.writes_since_fsync.len() {
-            if self.writes_since_fsync[d] && !self.fsync_inflight[d] {
-                self.writes_since_fsync[d] = false;
+        for d in 0..self.unsynced_first.len() {
+            if self.unsynced_first[d] != u64::MAX && !self.fsync_inflight[d] {
+                let first = std::mem::replace(&mut self.unsynced_first[d], u64::MAX);
                 self.fsync_inflight[d] = true;
                 let tag = self.tag();
                 self.io.push(IoRequest { tag, dev: d as u32, offset: 0, op: IoOp::Fsync });
                 let listed = std::mem::take(&mut self.unsynced[d]);
                 let overflow = std::mem::take(&mut self.unsynced_overflow[d]);
                 let firsts = std::mem::take(&mut self.unsettled[d]);
-                self.fsyncs.insert(tag, FsyncInFlight { dev: d as u32, digests: listed, overflow, firsts });
+                self.fsyncs.insert(tag, FsyncInFlight { dev: d as u32, first, digests: listed, overflow, firsts });
             }
         }
-        self.publish_unsynced();
     }
 
-    /// `ShardStats::writes_unsynced`, from the per-device flags.
-    fn publish_unsynced(&self) {
-        let unsynced = self.writes_since_fsync.iter().chain(&self.fsync_inflight).any(|&b| b);
-        self.shared.stats[self.id].writes_unsynced.store(unsynced, SeqCst);
+    /// `ShardStats::writes_synced`: every write numbered below the first one still waiting
+    /// for an fsync (to be sent, or in flight) is durable.
+    fn publish_synced(&self) {
+        let waiting = self
+            .unsynced_first
+            .iter()
+            .copied()
+            .chain(self.fsyncs.values().map(|f| f.first))
+            .chain([self.fsync_failed_first])
+            .min();
+        let synced = match waiting {
+            Some(first) if first != u64::MAX => first - 1,
+            _ => self.writes_completed,
+        };
+        self.shared.stats[self.id].writes_synced.store(synced, SeqCst);
+    }
+
+    /// Whether every write of every shard completed before `scrub_queue` was filled is
+    /// durable.
+    pub(super) fn scrub_wait_over(&self) -> bool {
+        self.shared.stats.iter().zip(&self.scrub_after).all(|(s, &after)| s.writes_synced.load(SeqCst) >= after)
     }
 
     /// Free wblocks of this shard whose live bytes were released by other shards.
@@ -357,15 +376,13 @@ impl Shard {
         const SCRUBS_IN_FLIGHT: usize = 4;
         while self.scrubs.len() < SCRUBS_IN_FLIGHT && !self.read_only && self.stopping.is_none() {
             let Some(&(dev, w)) = self.scrub_queue.front() else { break };
-            // Only once every write completed on the device is durable: the wblock may have
-            // been freed by a write not fsynced yet (its bytes released when the newer copy's
-            // write completed), and a power loss would then take the newer copy and leave
-            // the older one here gone too, and with it, say, a tombstone. After a change of
-            // the shard count that write may be another shard's (its flag covers all its
-            // devices).
-            let others_unsynced =
-                self.shared.stats.iter().enumerate().any(|(i, s)| i != self.id && s.writes_unsynced.load(SeqCst));
-            if self.writes_since_fsync[dev as usize] || self.fsync_inflight[dev as usize] || others_unsynced {
+            // Only once every write completed before the queue was filled is durable: the
+            // wblock may have been freed by a write not fsynced yet (its bytes released when
+            // the newer copy's write completed), and a power loss would then take the newer
+            // copy and leave the older one here gone too, and with it, say, a tombstone.
+            // After a change of the shard count that write may be another shard's. Writes
+            // completed since do not matter, so steady writes do not hold scrubs back.
+            if !self.scrub_wait_over() {
                 break;
             }
             self.scrub_queue.pop_front();
@@ -488,10 +505,12 @@ impl Shard {
             self.defrag_read_done(dev, w, c);
         } else if let Some((dev, w, seq)) = self.scrubs.remove(&c.tag) {
             self.scrub_done(dev, w, seq, c);
-        } else if let Some(FsyncInFlight { dev: d, digests, overflow, firsts }) = self.fsyncs.remove(&c.tag) {
+        } else if let Some(FsyncInFlight { dev: d, first, digests, overflow, firsts }) = self.fsyncs.remove(&c.tag) {
             self.fsync_inflight[d as usize] = false;
-            self.publish_unsynced();
             if let Err(e) = c.result {
+                // Its writes stay counted as not durable (a later fsync's success would not
+                // make them so), and the scrubs that wait for them wait for good.
+                self.fsync_failed_first = self.fsync_failed_first.min(first);
                 tracing::error!("shard {}: fsync of device {d} failed: {e}", self.id);
                 self.shared.stats[self.id].write_errors.fetch_add(1, Relaxed);
                 self.latch_read_only();
@@ -505,6 +524,7 @@ impl Shard {
                     self.settle(d, u);
                 }
             }
+            self.publish_synced();
         } else {
             panic!("completion for unknown tag {}", c.tag);
         }
@@ -526,9 +546,13 @@ impl Shard {
             Ok(_) => {
                 stats.device_writes.fetch_add(1, Relaxed);
                 stats.device_write_bytes.fetch_add(info.bytes as u64, Relaxed);
-                self.writes_since_fsync[info.dev as usize] = true;
+                self.writes_completed += 1;
+                let first = &mut self.unsynced_first[info.dev as usize];
+                if *first == u64::MAX {
+                    *first = self.writes_completed;
+                }
                 // Before the releases below, which may let another shard free a wblock.
-                self.shared.stats[self.id].writes_unsynced.store(true, SeqCst);
+                self.shared.stats[self.id].writes_completed.store(self.writes_completed, SeqCst);
                 if !info.dsync {
                     let u = &mut self.unsynced[info.dev as usize];
                     if self.read_only {
