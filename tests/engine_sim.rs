@@ -1699,6 +1699,35 @@ fn a_shard_scrubs_its_free_wblocks_for_another_shards_tombstones() {
     crash_and_check(engine, &disks, c, &latest);
 }
 
+/// Defrag's open output holding copies that have died since (here: records moved out of
+/// sparse wblocks, then deleted) keeps the floor below the tombstones of those deletes; the
+/// expiry sweep seals it so that it can be moved, rather than waiting for the output to be
+/// sealed for idleness (`defrag_idle_seal_ms`, far off here).
+#[test]
+fn tombstones_are_collected_past_defrag_output_holding_dead_copies() {
+    common::init_logs();
+    let disks = disks(1, 4 << 20);
+    let mut c = cfg(1);
+    c.defrag_sleep_us = 0;
+    c.defrag_idle_seal_ms = 600_000;
+    c.nsup_period_secs = 1;
+    let engine = open(&disks, c.clone());
+    let (mut latest, _) = put_200(&engine);
+    // Three keys of four written again: the first wblocks keep a quarter of their records,
+    // which defrag moves into its output.
+    put_all(&engine, (0..200).filter(|k| k % 4 != 0), 2, &mut latest);
+    engine.flush();
+    wait_for("defrag moves the sparse wblocks' records", || engine.stats().defrag_reads >= 2);
+    wait_for_defrag_rest(&engine, "after the updates");
+    for key in 0..200 {
+        assert!(engine.execute(Command::delete(common::digest_of(key).0)).is_ok());
+        latest.insert(key, None);
+    }
+    engine.flush();
+    wait_for("every tombstone is dropped", || engine.stats().tombstones == 0);
+    crash_and_check(engine, &disks, c, &latest);
+}
+
 /// A free wblock is given an empty header only once the writes that freed it are durable:
 /// until then a power loss could take the newer copies (here the tombstones) and leave the
 /// old ones, which the header would have wiped too. With fsyncs taking 2.5 s, no scrub
