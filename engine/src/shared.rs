@@ -3,7 +3,10 @@
 //! another shard), the global wblock sequence, and statistics.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU32, AtomicU64,
+    Ordering::{AcqRel, Acquire, Relaxed},
+};
 use std::sync::{Mutex, RwLock};
 
 use crate::config::EngineConfig;
@@ -154,9 +157,13 @@ impl Shared {
         self.devs[dev as usize].live[w as usize].fetch_add(bytes, Relaxed);
     }
 
-    /// Subtract; returns the new value.
+    /// Subtract; returns the new value. Release (and acquire, for the shard whose own
+    /// subtraction brings it to 0), paired with the acquire in `live`: whoever sees a wblock's
+    /// live bytes at 0 also sees what the releasing shard did before, its
+    /// `ShardStats::writes_completed` count of the write that made the bytes dead (which a
+    /// scrub of the wblock waits to be durable). The same instruction as relaxed on x86.
     pub fn sub_live(&self, dev: u32, w: u32, bytes: u32) -> u32 {
-        let prev = self.devs[dev as usize].live[w as usize].fetch_sub(bytes, Relaxed);
+        let prev = self.devs[dev as usize].live[w as usize].fetch_sub(bytes, AcqRel);
         assert!(prev >= bytes, "live bytes underflow in device {dev} wblock {w}");
         prev - bytes
     }
@@ -182,8 +189,9 @@ impl Shared {
         Some(self.stats[shard].oldest_kept_tomb.load(Relaxed)).filter(|&t| t != 0 && t != u64::MAX)
     }
 
+    /// Acquire: see `sub_live`.
     pub fn live(&self, dev: u32, w: u32) -> u32 {
-        self.devs[dev as usize].live[w as usize].load(Relaxed)
+        self.devs[dev as usize].live[w as usize].load(Acquire)
     }
 }
 

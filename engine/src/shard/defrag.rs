@@ -658,11 +658,12 @@ impl Shard {
             return;
         }
         let shared = self.shared.clone();
-        // The scrub queue is filled again only once what its scrubs wait for is over (else
-        // each sweep would start the wait again): the wblocks freed since wait for the next
-        // sweep. Each shard's completed writes are counted before looking at the free
-        // wblocks, so whatever freed one of them is counted.
-        let refill = self.scrub_queue.is_empty() || self.scrub_wait_over();
+        // The scrub queue is filled again only once it is empty (else each sweep would start
+        // the wait again): the wblocks freed since wait for a later sweep. Each shard's
+        // completed writes are counted before looking at the free wblocks, so whatever freed
+        // one of them is counted (`Shared::sub_live` orders another shard's release after
+        // its count).
+        let refill = self.scrub_queue.is_empty();
         if refill {
             self.scrub_queue.clear();
             self.scrub_after = shared.stats.iter().map(|s| s.writes_completed.load(SeqCst)).collect();
@@ -696,7 +697,7 @@ impl Shard {
                 }
                 if state == WState::Free {
                     if refill && min < below && shared.cfg.scrub_free_wblocks && self.scrub_queue.len() < 4096 {
-                        self.scrub_queue.push_back((d as u32, w));
+                        self.scrub_queue.push_back((d as u32, w, dev.seq[w as usize].load(Relaxed)));
                     }
                     continue;
                 }

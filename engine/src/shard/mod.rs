@@ -232,9 +232,9 @@ pub(crate) struct Shard {
     /// after that completion has completed.
     unsettled: Vec<Vec<write::Unsettled>>,
     /// Free wblocks whose old contents hold tombstones back, to be given an empty header
-    /// (`scrub_free`), and the header writes in flight: tag → (device, wblock, its new write
-    /// sequence).
-    scrub_queue: VecDeque<(u32, u32)>,
+    /// (`scrub_free`): (device, wblock, its write sequence when queued); and the header
+    /// writes in flight: tag → (device, wblock, its new write sequence).
+    scrub_queue: VecDeque<(u32, u32, u64)>,
     /// Every shard's `writes_completed` when `scrub_queue` was filled: its scrubs wait until
     /// each shard's `writes_synced` has come that far.
     scrub_after: Vec<u64>,

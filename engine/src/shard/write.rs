@@ -375,7 +375,7 @@ impl Shard {
     pub(super) fn scrub_free(&mut self) {
         const SCRUBS_IN_FLIGHT: usize = 4;
         while self.scrubs.len() < SCRUBS_IN_FLIGHT && !self.read_only && self.stopping.is_none() {
-            let Some(&(dev, w)) = self.scrub_queue.front() else { break };
+            let Some(&(dev, w, queued_seq)) = self.scrub_queue.front() else { break };
             // Only once every write completed before the queue was filled is durable: the
             // wblock may have been freed by a write not fsynced yet (its bytes released when
             // the newer copy's write completed), and a power loss would then take the newer
@@ -387,7 +387,11 @@ impl Shard {
             }
             self.scrub_queue.pop_front();
             let d = &self.shared.devs[dev as usize];
-            if self.wstate[dev as usize][w as usize] != WState::Free || d.min_seq[w as usize].load(Relaxed) == u64::MAX
+            // Not if the wblock was used since it was queued: free again, it may have been
+            // freed by a write the wait does not cover.
+            if self.wstate[dev as usize][w as usize] != WState::Free
+                || d.seq[w as usize].load(Relaxed) != queued_seq
+                || d.min_seq[w as usize].load(Relaxed) == u64::MAX
             {
                 continue;
             }
