@@ -1762,6 +1762,41 @@ fn a_scrub_waits_for_the_fsync_of_the_writes_that_freed_its_wblock() {
     crash_and_check(engine, &disks, c, &latest);
 }
 
+/// The same wait, judged by a power loss: the disk keeps writes in a volatile cache and its
+/// fsyncs do not complete before the power goes. The updates that freed the first wblocks
+/// and the deletes that made their scrubs wanted are undone; the old versions must still be
+/// there, so no free wblock may have been scrubbed meanwhile.
+#[test]
+fn a_power_loss_before_the_fsync_leaves_the_old_versions_unscrubbed() {
+    common::init_logs();
+    let disks = disks(1, 4 << 20);
+    let mut c = cfg(1);
+    c.nsup_period_secs = 1;
+    c.defrag_sleep_us = 0;
+    c.defrag_lwm_pct = 1;
+    let engine = open(&disks, c.clone());
+    let (latest, _) = put_200(&engine);
+    // From here on nothing is durable but DSYNC writes.
+    disks[0].set_faults(SimFaults { volatile_cache: true, fsync_delay_ms: 60_000, ..Default::default() });
+    let mut updated = latest.clone();
+    put_all(&engine, 0..100, 2, &mut updated);
+    for key in 150..200 {
+        assert!(engine.execute(Command::delete(common::digest_of(key).0)).is_ok());
+    }
+    // Not `engine.flush()`, whose writes are DSYNC: the timer writes the open wblock out
+    // within `flush_max_ms` (1 s), and two expiry sweeps follow, each wanting the freed
+    // wblocks scrubbed.
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    let st = engine.stats();
+    assert!(st.device_writes > 0 && st.tombstones == 50, "{st:?}");
+    engine.crash();
+    drop(engine);
+    assert!(disks[0].power_loss() > 0, "the updates and deletes were in the volatile cache");
+    disks[0].set_faults(SimFaults::default());
+    let engine = open(&disks, c);
+    check_latest(&engine, &latest, "after the power loss (the versions before the updates and deletes)");
+}
+
 /// A scrub waits until the writes completed before it was queued are durable, not for a
 /// moment when no write waits for an fsync: under steady writes to a device slow to fsync
 /// there is no such moment (an fsync is in flight, or writes completed since it was sent),

@@ -57,6 +57,9 @@ pub struct SimFaults {
     /// Every fsync completes this many milliseconds after it is submitted: a device slow to
     /// make writes durable, for tests of what waits for that.
     pub fsync_delay_ms: u64,
+    /// The disk has a volatile write cache: a write without DSYNC is durable only once an
+    /// fsync sent after it completed has completed; [`SimDisk::power_loss`] undoes the rest.
+    pub volatile_cache: bool,
 }
 
 /// A simulated disk. Clones are handles to the same disk.
@@ -73,6 +76,19 @@ struct DiskState {
     /// Writes seen since faults were last set or cleared.
     writes_seen: u64,
     crashed: bool,
+    /// With `volatile_cache`: the writes not yet made durable, oldest first.
+    volatile: Vec<VolatileWrite>,
+    /// Numbers the writes of `volatile` (never reset).
+    volatile_seq: u64,
+}
+
+/// A write in the simulated volatile cache: what it overwrote, to undo it at a power loss,
+/// or, for a DSYNC write (durable at once), what it wrote, to put back after the undoing.
+struct VolatileWrite {
+    seq: u64,
+    offset: u64,
+    old: Vec<u8>,
+    dsync: Option<Vec<u8>>,
 }
 
 /// Why a simulated request failed (the backend adds path and offset).
@@ -100,6 +116,8 @@ impl SimDisk {
                 faults: SimFaults::default(),
                 writes_seen: 0,
                 crashed: false,
+                volatile: Vec::new(),
+                volatile_seq: 0,
             })),
         }
     }
@@ -144,6 +162,31 @@ impl SimDisk {
         st.crashed = false;
     }
 
+    /// A power loss: the writes still in the volatile cache (see
+    /// [`SimFaults::volatile_cache`]) are undone, newest first; DSYNC writes among them stay.
+    /// Returns how many writes were undone.
+    pub fn power_loss(&self) -> usize {
+        let mut st = self.state();
+        let volatile = std::mem::take(&mut st.volatile);
+        for v in volatile.iter().rev() {
+            if v.dsync.is_none() {
+                st.write_from(v.offset, &v.old);
+            }
+        }
+        for v in &volatile {
+            if let Some(data) = &v.dsync {
+                st.write_from(v.offset, data);
+            }
+        }
+        volatile.iter().filter(|v| v.dsync.is_none()).count()
+    }
+
+    /// The number of the last write in the volatile cache: an fsync sent now makes it and
+    /// those before it durable.
+    fn fsync_mark(&self) -> u64 {
+        self.state().volatile_seq
+    }
+
     /// Stop injecting faults (a "repaired" or restarted device); resets the write counter
     /// and any crash. The data, torn writes included, stays as it is.
     pub fn clear_faults(&self) {
@@ -181,7 +224,7 @@ impl SimDisk {
         Ok(())
     }
 
-    fn sim_write(&self, offset: u64, data: &[u8]) -> Result<(), SimFail> {
+    fn sim_write(&self, offset: u64, data: &[u8], dsync: bool) -> Result<(), SimFail> {
         let mut st = self.state();
         st.check_range(offset, data.len());
         st.writes_seen += 1;
@@ -214,18 +257,27 @@ impl SimDisk {
             }
             return Ok(());
         }
+        if st.faults.volatile_cache {
+            let mut old = vec![0u8; data.len()];
+            st.read_into(offset, &mut old);
+            st.volatile_seq += 1;
+            let seq = st.volatile_seq;
+            st.volatile.push(VolatileWrite { seq, offset, old, dsync: dsync.then(|| data.to_vec()) });
+        }
         st.write_from(offset, data);
         Ok(())
     }
 
-    fn sim_fsync(&self) -> Result<(), SimFail> {
-        let st = self.state();
+    /// An fsync sent when the volatile cache's last write was `mark`.
+    fn sim_fsync(&self, mark: u64) -> Result<(), SimFail> {
+        let mut st = self.state();
         if st.crashed {
             return Err(SimFail::Crashed);
         }
         if st.faults.fail_fsyncs {
             return Err(SimFail::Eio);
         }
+        st.volatile.retain(|v| v.seq > mark);
         Ok(())
     }
 }
@@ -379,7 +431,7 @@ pub struct SimBackend {
     /// Reads and fsyncs held back by [`SimFaults::read_delay_ms`] and
     /// [`SimFaults::fsync_delay_ms`], with the time each is due (in submission order: one
     /// due earlier behind one due later waits for it).
-    delayed: VecDeque<(Instant, IoRequest)>,
+    delayed: VecDeque<(Instant, IoRequest, u64)>,
     ready: VecDeque<IoCompletion>,
     rung: bool,
     /// Socket operations, all refused (see [`IoBackend::sockets`]).
@@ -387,7 +439,8 @@ pub struct SimBackend {
 }
 
 impl SimBackend {
-    fn execute(&self, req: IoRequest) -> IoCompletion {
+    /// `mark`: for an fsync, the volatile cache's last write when it was sent.
+    fn execute(&self, req: IoRequest, mark: u64) -> IoCompletion {
         let IoRequest { tag, dev, offset, op } = req;
         let disk = &self.disks[dev as usize];
         let (result, len, op) = match op {
@@ -397,9 +450,9 @@ impl SimBackend {
             }
             IoOp::Write { buf, start, end, dsync } => {
                 let data = buf.read_at(start, end - start);
-                (disk.sim_write(offset, &data), data.len(), IoOp::Write { buf, start, end, dsync })
+                (disk.sim_write(offset, &data, dsync), data.len(), IoOp::Write { buf, start, end, dsync })
             }
-            IoOp::Fsync => (disk.sim_fsync(), 0, IoOp::Fsync),
+            IoOp::Fsync => (disk.sim_fsync(mark), 0, IoOp::Fsync),
         };
         let result = result.map(|()| len).map_err(|f| self.error(dev, offset, len, f));
         IoCompletion { tag, dev, offset, result, op }
@@ -427,17 +480,18 @@ impl IoBackend for SimBackend {
     fn submit_and_wait(&mut self, wait: bool, timeout: Option<Duration>) -> Result<(), DeviceError> {
         let now = Instant::now();
         while let Some(req) = self.pending.pop_front() {
-            let delay = self.disks[req.dev as usize].delay(&req.op);
+            let disk = &self.disks[req.dev as usize];
+            let (delay, mark) = (disk.delay(&req.op), disk.fsync_mark());
             if !delay.is_zero() {
-                self.delayed.push_back((now + delay, req));
+                self.delayed.push_back((now + delay, req, mark));
                 continue;
             }
-            let c = self.execute(req);
+            let c = self.execute(req, mark);
             self.ready.push_back(c);
         }
-        while self.delayed.front().is_some_and(|(due, _)| *due <= now) {
-            let (_, req) = self.delayed.pop_front().expect("not empty");
-            let c = self.execute(req);
+        while self.delayed.front().is_some_and(|(due, ..)| *due <= now) {
+            let (_, req, mark) = self.delayed.pop_front().expect("not empty");
+            let c = self.execute(req, mark);
             self.ready.push_back(c);
         }
         if self.rung {
@@ -446,7 +500,7 @@ impl IoBackend for SimBackend {
         let block = wait && self.ready.is_empty();
         // A delayed request is due by then: wake for it.
         let timeout = match self.delayed.front() {
-            Some((due, _)) => {
+            Some((due, ..)) => {
                 Some(timeout.map_or(due.saturating_duration_since(now), |t| t.min(due.saturating_duration_since(now))))
             }
             None => timeout,
@@ -650,6 +704,42 @@ mod tests {
         read(io.as_mut(), 45056, 4096).unwrap();
         write(io.as_mut(), 36864, &[7u8; 4096]).unwrap();
         assert_eq!(disk.read_raw(36864, 4096), vec![7u8; 4096]);
+    }
+
+    #[test]
+    fn a_power_loss_undoes_the_writes_no_completed_fsync_covers() {
+        let disk = SimDisk::new(1 << 20);
+        let mut io = backend(&disk);
+        disk.set_faults(SimFaults { volatile_cache: true, fsync_delay_ms: 50, ..Default::default() });
+        let dsync = |io: &mut dyn IoBackend, offset: u64, byte: u8| {
+            let w = WBuf::new(io.alloc(4096));
+            w.write_at(0, &[byte; 4096]);
+            w.freeze_to(4096);
+            let op = IoOp::Write { buf: Rc::new(w), start: 0, end: 4096, dsync: true };
+            run_sync(io, IoRequest { tag: 3, dev: 0, offset, op }).unwrap().result.unwrap();
+        };
+        write(io.as_mut(), 0, &[1; 4096]).unwrap();
+        // Sent after the first write, completed (50 ms later) after the second: it covers
+        // only the first.
+        io.push(IoRequest { tag: 4, dev: 0, offset: 0, op: IoOp::Fsync });
+        io.submit_and_wait(false, None).unwrap();
+        write(io.as_mut(), 0, &[2; 4096]).unwrap();
+        let mut out = Vec::new();
+        while out.is_empty() {
+            io.submit_and_wait(true, Some(std::time::Duration::from_millis(100))).unwrap();
+            io.reap(&mut out);
+        }
+        assert!(out[0].result.is_ok());
+        write(io.as_mut(), 8192, &[3; 4096]).unwrap();
+        dsync(io.as_mut(), 8192, 4);
+        write(io.as_mut(), 16384, &[5; 4096]).unwrap();
+        dsync(io.as_mut(), 16384, 6);
+        write(io.as_mut(), 16384, &[7; 4096]).unwrap();
+        assert_eq!(disk.power_loss(), 4);
+        assert_eq!(disk.read_raw(0, 4096), vec![1u8; 4096], "the fsynced write stays, the later one goes");
+        assert_eq!(disk.read_raw(8192, 4096), vec![4u8; 4096], "a DSYNC write stays");
+        assert_eq!(disk.read_raw(16384, 4096), vec![6u8; 4096], "a DSYNC write stays, what came after goes");
+        assert_eq!(disk.power_loss(), 0, "nothing left to undo");
     }
 
     #[test]
