@@ -1640,17 +1640,25 @@ fn tombstones_are_collected_on_an_idle_device_after_a_restart() {
     tombstones_are_collected_with_no_more_writes(true);
 }
 
-fn tombstones_are_collected_with_no_more_writes(restart: bool) {
+/// One 4 MiB sim disk, a one-shard config with an expiry sweep every second and a defrag
+/// that takes no wblock for its fill (only the floor's reasons move one) and does not pause,
+/// the engine on them, and keys 0..200 written (`put_200`).
+fn tomb_setup() -> (Vec<SimDisk>, EngineConfig, Engine, Latest) {
     common::init_logs();
     let disks = disks(1, 4 << 20);
     let mut c = cfg(1);
     c.nsup_period_secs = 1;
     c.defrag_sleep_us = 0;
+    c.defrag_lwm_pct = 1;
+    let engine = open(&disks, c.clone());
+    let (latest, _) = put_200(&engine);
+    (disks, c, engine, latest)
+}
+
+fn tombstones_are_collected_with_no_more_writes(restart: bool) {
     // Defrag takes no wblock for its fill (the one holding the tombstones is sparse here, as
     // it would not be after a mass delete): only the floor's reasons move it.
-    c.defrag_lwm_pct = 1;
-    let mut engine = open(&disks, c.clone());
-    let (mut latest, _) = put_200(&engine);
+    let (disks, c, mut engine, mut latest) = tomb_setup();
     for key in 0..200 {
         assert!(engine.execute(Command::delete(common::digest_of(key).0)).is_ok());
         latest.insert(key, None);
@@ -1735,14 +1743,7 @@ fn tombstones_are_collected_past_defrag_output_holding_dead_copies() {
 /// them at once.
 #[test]
 fn a_scrub_waits_for_the_fsync_of_the_writes_that_freed_its_wblock() {
-    common::init_logs();
-    let disks = disks(1, 4 << 20);
-    let mut c = cfg(1);
-    c.nsup_period_secs = 1;
-    c.defrag_sleep_us = 0;
-    c.defrag_lwm_pct = 1;
-    let engine = open(&disks, c.clone());
-    let (mut latest, _) = put_200(&engine);
+    let (disks, c, engine, mut latest) = tomb_setup();
     disks[0].set_faults(SimFaults { fsync_delay_ms: 2500, ..Default::default() });
     // Every fsync sent from here on completes 2.5 s after it was sent.
     let slow = std::time::Instant::now();
@@ -1768,14 +1769,7 @@ fn a_scrub_waits_for_the_fsync_of_the_writes_that_freed_its_wblock() {
 /// there, so no free wblock may have been scrubbed meanwhile.
 #[test]
 fn a_power_loss_before_the_fsync_leaves_the_old_versions_unscrubbed() {
-    common::init_logs();
-    let disks = disks(1, 4 << 20);
-    let mut c = cfg(1);
-    c.nsup_period_secs = 1;
-    c.defrag_sleep_us = 0;
-    c.defrag_lwm_pct = 1;
-    let engine = open(&disks, c.clone());
-    let (latest, _) = put_200(&engine);
+    let (disks, c, engine, latest) = tomb_setup();
     // From here on nothing is durable but DSYNC writes.
     disks[0].set_faults(SimFaults { volatile_cache: true, fsync_delay_ms: 60_000, ..Default::default() });
     let mut updated = latest.clone();
@@ -1803,14 +1797,7 @@ fn a_power_loss_before_the_fsync_leaves_the_old_versions_unscrubbed() {
 /// and free wblocks were then never scrubbed.
 #[test]
 fn free_wblocks_are_scrubbed_under_steady_writes() {
-    common::init_logs();
-    let disks = disks(1, 4 << 20);
-    let mut c = cfg(1);
-    c.nsup_period_secs = 1;
-    c.defrag_sleep_us = 0;
-    c.defrag_lwm_pct = 1;
-    let engine = open(&disks, c.clone());
-    let (mut latest, _) = put_200(&engine);
+    let (disks, c, engine, mut latest) = tomb_setup();
     for key in 0..200 {
         assert!(engine.execute(Command::delete(common::digest_of(key).0)).is_ok());
         latest.insert(key, None);
