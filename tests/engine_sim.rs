@@ -1644,12 +1644,18 @@ fn tombstones_are_collected_on_an_idle_device_after_a_restart() {
 /// that takes no wblock for its fill (only the floor's reasons move one) and does not pause,
 /// the engine on them, and keys 0..200 written (`put_200`).
 fn tomb_setup() -> (Vec<SimDisk>, EngineConfig, Engine, Latest) {
+    tomb_setup_with(|_| {})
+}
+
+/// [`tomb_setup`], with `tweak` applied to the config.
+fn tomb_setup_with(tweak: impl FnOnce(&mut EngineConfig)) -> (Vec<SimDisk>, EngineConfig, Engine, Latest) {
     common::init_logs();
     let disks = disks(1, 4 << 20);
     let mut c = cfg(1);
     c.nsup_period_secs = 1;
     c.defrag_sleep_us = 0;
     c.defrag_lwm_pct = 1;
+    tweak(&mut c);
     let engine = open(&disks, c.clone());
     let (latest, _) = put_200(&engine);
     (disks, c, engine, latest)
@@ -1713,14 +1719,10 @@ fn a_shard_scrubs_its_free_wblocks_for_another_shards_tombstones() {
 /// sealed for idleness (`defrag_idle_seal_ms`, far off here).
 #[test]
 fn tombstones_are_collected_past_defrag_output_holding_dead_copies() {
-    common::init_logs();
-    let disks = disks(1, 4 << 20);
-    let mut c = cfg(1);
-    c.defrag_sleep_us = 0;
-    c.defrag_idle_seal_ms = 600_000;
-    c.nsup_period_secs = 1;
-    let engine = open(&disks, c.clone());
-    let (mut latest, _) = put_200(&engine);
+    let (disks, c, engine, mut latest) = tomb_setup_with(|c| {
+        c.defrag_lwm_pct = EngineConfig::new("test").defrag_lwm_pct;
+        c.defrag_idle_seal_ms = 600_000;
+    });
     // Three keys of four written again: the first wblocks keep a quarter of their records,
     // which defrag moves into its output.
     put_all(&engine, (0..200).filter(|k| k % 4 != 0), 2, &mut latest);
