@@ -233,6 +233,9 @@ pub(crate) struct ShardStats {
     /// Free wblocks given an empty header so that their old records stop holding
     /// tombstones back.
     pub free_wblocks_scrubbed: AtomicU64,
+    /// Wblocks reused while the writes that freed them were not durable yet: their writes
+    /// waited for the fsync.
+    pub wblock_reuses_held: AtomicU64,
     /// The sequence of the shard's oldest tombstone kept by its last expiry sweep (u64::MAX:
     /// none; 0: no sweep yet), for the other shards' `unblock_tombstones`.
     pub oldest_kept_tomb: AtomicU64,
@@ -309,6 +312,9 @@ pub struct EngineStats {
     /// Free wblocks given an empty header so that their old records stop holding
     /// tombstones back.
     pub free_wblocks_scrubbed: u64,
+    /// Wblocks reused while the writes that freed them were not durable yet (their writes
+    /// waited for the fsync).
+    pub wblock_reuses_held: u64,
     /// Records removed by truncates in this run.
     pub truncated: u64,
     /// Records a cold start ignored because a truncate covers them.
@@ -363,6 +369,7 @@ impl EngineStats {
             s.expired += st.expired.load(Relaxed);
             s.tombstones_dropped += st.tombstones_dropped.load(Relaxed);
             s.free_wblocks_scrubbed += st.free_wblocks_scrubbed.load(Relaxed);
+            s.wblock_reuses_held += st.wblock_reuses_held.load(Relaxed);
             s.truncated += st.truncated.load(Relaxed);
             s.cold_start_truncated += st.cold_truncated.load(Relaxed);
         }

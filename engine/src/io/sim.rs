@@ -83,12 +83,14 @@ struct DiskState {
 }
 
 /// A write in the simulated volatile cache: what it overwrote, to undo it at a power loss,
-/// or, for a DSYNC write (durable at once), what it wrote, to put back after the undoing.
+/// and what it wrote, to put back after the undoing when it is kept (a DSYNC write, durable
+/// at once, always is).
 struct VolatileWrite {
     seq: u64,
     offset: u64,
     old: Vec<u8>,
-    dsync: Option<Vec<u8>>,
+    new: Vec<u8>,
+    dsync: bool,
 }
 
 /// Why a simulated request failed (the backend adds path and offset).
@@ -166,19 +168,28 @@ impl SimDisk {
     /// [`SimFaults::volatile_cache`]) are undone, newest first; DSYNC writes among them stay.
     /// Returns how many writes were undone.
     pub fn power_loss(&self) -> usize {
+        self.power_loss_keeping(&[])
+    }
+
+    /// A power loss after the device persisted, out of order, the cached writes that touch
+    /// one of the `[start, end)` byte ranges in `keep`; the others are undone.
+    pub fn power_loss_keeping(&self, keep: &[(u64, u64)]) -> usize {
         let mut st = self.state();
         let volatile = std::mem::take(&mut st.volatile);
+        let kept = |v: &VolatileWrite| {
+            let end = v.offset + v.old.len() as u64;
+            v.dsync || keep.iter().any(|&(s, e)| v.offset < e && s < end)
+        };
         for v in volatile.iter().rev() {
-            if v.dsync.is_none() {
+            if !kept(v) {
                 st.write_from(v.offset, &v.old);
             }
         }
-        for v in &volatile {
-            if let Some(data) = &v.dsync {
-                st.write_from(v.offset, data);
-            }
+        // The kept writes again, in order, over whatever an older undone one put back.
+        for v in volatile.iter().filter(|v| kept(v)) {
+            st.write_from(v.offset, &v.new);
         }
-        volatile.iter().filter(|v| v.dsync.is_none()).count()
+        volatile.iter().filter(|v| !kept(v)).count()
     }
 
     /// The number of the last write in the volatile cache: an fsync sent now makes it and
@@ -262,7 +273,7 @@ impl SimDisk {
             st.read_into(offset, &mut old);
             st.volatile_seq += 1;
             let seq = st.volatile_seq;
-            st.volatile.push(VolatileWrite { seq, offset, old, dsync: dsync.then(|| data.to_vec()) });
+            st.volatile.push(VolatileWrite { seq, offset, old, new: data.to_vec(), dsync });
         }
         st.write_from(offset, data);
         Ok(())

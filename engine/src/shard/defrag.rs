@@ -153,7 +153,8 @@ impl Shard {
     }
 
     /// Whether space is being won back: a defrag read, walk or queue under way, or device
-    /// writes in flight whose completion releases the copies they replace. With none,
+    /// writes in flight (or deferred, `Shard::deferred`) whose completion releases the
+    /// copies they replace. With none,
     /// writes the open wblocks holding such copies, or else looks for defrag candidates (at
     /// most every `LOOK_EVERY`). A client write arriving while space is short waits for
     /// this instead of failing; it fails (stop-writes, OUT_OF_SPACE) only when the device
@@ -166,6 +167,7 @@ impl Shard {
             || !self.defrag.reads.is_empty()
             || !self.defrag.queue.is_empty()
             || self.writes.values().any(|w| !w.releases.is_empty())
+            || self.deferred_releases()
         {
             return true;
         }

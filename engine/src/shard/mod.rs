@@ -152,6 +152,9 @@ struct OpenWb {
     commit_inflight: u32,
     /// When it was opened (a defrag output open this long is sealed once nothing qualifies).
     opened: Instant,
+    /// The writes that freed this wblock for this use were not all durable when it was
+    /// opened: its writes wait (`Shard::deferred`) until they are.
+    hold: Option<write::Hold>,
 }
 
 struct MemWb {
@@ -272,6 +275,16 @@ pub(crate) struct Shard {
     /// Per device: the number of the first write completed since the last fsync was sent
     /// (u64::MAX: none, nothing to fsync).
     unsynced_first: Vec<u64>,
+    /// Per device and wblock: this shard's `writes_completed` when the wblock was last
+    /// freed; 0: not freed in this run (what it holds was durable when the run began);
+    /// u64::MAX: it held an earlier run's records, which any shard may have released.
+    freed_at: Vec<Vec<u64>>,
+    /// The first wblock write sequence of this run: a use from before was begun by an
+    /// earlier run (and may hold any shard's records after a change of the shard count).
+    run_first_wblock_seq: u64,
+    /// Writes of reused wblocks waiting, in order, for the writes that freed them to be
+    /// durable (`write::Hold`).
+    deferred: VecDeque<write::Deferred>,
     /// The number of the first write a failed fsync was to make durable (u64::MAX: none).
     fsync_failed_first: u64,
     fsync_inflight: Vec<bool>,
@@ -389,6 +402,9 @@ impl Shard {
             write_cache_limit,
             writes_completed: 0,
             unsynced_first: vec![u64::MAX; n_devs],
+            freed_at: shared.devs.iter().map(|dev| vec![0; dev.n_wblocks as usize]).collect(),
+            run_first_wblock_seq: shared.next_wblock_seq.load(Relaxed),
+            deferred: VecDeque::new(),
             fsync_failed_first: u64::MAX,
             fsync_inflight: vec![false; n_devs],
             last_timer: Instant::now(),
@@ -503,6 +519,7 @@ impl Shard {
             }
             if let Some(done) = self.stopping.take() {
                 if self.writes.is_empty()
+                    && self.deferred.is_empty()
                     && self.fsyncs.is_empty()
                     && self.reads.is_empty()
                     && self.defrag.reads.is_empty()

@@ -17,6 +17,28 @@ pub(super) struct FsyncInFlight {
     firsts: Vec<Unsettled>,
 }
 
+/// What the writes of a reused wblock wait for: the writes that freed it (released the
+/// last of its live bytes) to be durable. Without DSYNC a write completes before it is
+/// durable; had the new use's first write landed (a DSYNC write, or a device persisting its
+/// cache out of order) and the power failed before the fsync, both the old copies here and
+/// the newer ones that replaced them would be gone.
+#[derive(Clone)]
+pub(super) enum Hold {
+    /// This shard's writes up to this number (`writes_completed` when it was freed).
+    Own(u64),
+    /// Every shard's writes up to these numbers (an earlier run's wblock: any shard may
+    /// have released its records).
+    All(Vec<u64>),
+}
+
+/// A write of a reused wblock waiting for its `Hold` (`Shard::deferred`).
+pub(super) struct Deferred {
+    tag: u64,
+    req: IoRequest,
+    info: WriteInfo,
+    hold: Hold,
+}
+
 /// A wblock use whose first write completed without DSYNC, waiting for an fsync to let go
 /// of the previous use (`Shard::settle`): the wblock, the use's write sequence, and the
 /// smallest data record sequence of the use known when it left memory.
@@ -73,6 +95,15 @@ impl Shard {
         // `writer` stays as it is until this use's first write is durable: copies an earlier
         // run left here (of any shard's records, should the shard count have changed) are
         // on the device until then, and every shard's floor must go on counting them.
+        let hold = match self.freed_at[dev as usize][w as usize] {
+            0 => None,
+            u64::MAX => Some(Hold::All(self.shared.stats.iter().map(|s| s.writes_completed.load(SeqCst)).collect())),
+            n => Some(Hold::Own(n)),
+        }
+        .filter(|h| !self.hold_over(h));
+        if hold.is_some() {
+            self.shared.stats[self.id].wblock_reuses_held.fetch_add(1, Relaxed);
+        }
         let header = self.begin_use(dev, w);
         let buf = Rc::new(WBuf::new(self.io.alloc(self.wb() as usize)));
         buf.write_at(0, &header);
@@ -90,6 +121,7 @@ impl Shard {
             digests: Vec::new(),
             commit_inflight: 0,
             opened: Instant::now(),
+            hold,
         });
         let stats = &self.shared.stats[self.id];
         stats.free_wblocks.fetch_sub(1, Relaxed);
@@ -137,7 +169,20 @@ impl Shard {
     /// at its completion with DSYNC, else at the completion of the fsync sent after it.
     pub(super) fn flush(&mut self, s: usize, dsync: bool) {
         let wb = self.wb() as usize;
+        self.submit_deferred();
+        // Held while what freed the wblock is not durable, or while earlier writes of it
+        // still wait (they go first).
+        let held = match self.open[s].as_ref() {
+            Some(o) => match &o.hold {
+                Some(h) if !self.hold_over(h) => Some(h.clone()),
+                _ => self.deferred.iter().find(|d| d.info.dev == o.dev && d.info.w == o.w).map(|d| d.hold.clone()),
+            },
+            None => return,
+        };
         let Some(o) = self.open[s].as_mut() else { return };
+        if held.is_none() {
+            o.hold = None;
+        }
         let dev = o.dev;
         if o.pos == o.flushed {
             return;
@@ -170,14 +215,62 @@ impl Shard {
         o.first_unflushed = None;
         let buf = o.buf.clone();
         let tag = self.tag();
-        self.io.push(IoRequest {
+        let req = IoRequest {
             tag,
             dev,
             offset: w as u64 * wb as u64 + start as u64,
             op: IoOp::Write { buf, start, end, dsync },
-        });
-        self.writes.insert(tag, info);
+        };
         self.mem.get_mut(&(dev, w)).expect("flushed wblock is in memory").inflight += 1;
+        match held {
+            Some(hold) => {
+                self.deferred.push_back(Deferred { tag, req, info, hold });
+                // The fsync that ends the wait.
+                self.fsync_all();
+            }
+            None => {
+                self.io.push(req);
+                self.writes.insert(tag, info);
+            }
+        }
+    }
+
+    /// Whether a deferred write will release older copies when it completes.
+    pub(super) fn deferred_releases(&self) -> bool {
+        self.deferred.iter().any(|d| !d.info.releases.is_empty())
+    }
+
+    /// Whether the writes `h` waits for are durable.
+    fn hold_over(&self, h: &Hold) -> bool {
+        match h {
+            Hold::Own(n) => self.shared.stats[self.id].writes_synced.load(SeqCst) >= *n,
+            Hold::All(v) => self.shared.stats.iter().zip(v).all(|(s, &n)| s.writes_synced.load(SeqCst) >= n),
+        }
+    }
+
+    /// Hand the deferred writes whose wait is over to the device, in order (a wblock's
+    /// writes share one `Hold`, so they go together). On a latched shard they fail.
+    pub(super) fn submit_deferred(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let mut waiting = VecDeque::new();
+        while let Some(d) = self.deferred.pop_front() {
+            if self.read_only {
+                let IoRequest { tag, dev, offset, op } = d.req;
+                self.write_done(d.info, IoCompletion { tag, dev, offset, result: Err(DeviceError::Crashed), op });
+            } else if self.hold_over(&d.hold) {
+                self.io.push(d.req);
+                self.writes.insert(d.tag, d.info);
+            } else {
+                waiting.push_back(d);
+            }
+        }
+        self.deferred = waiting;
+        if !self.deferred.is_empty() {
+            // A device whose fsync was in flight gets the next one as soon as it completes.
+            self.fsync_all();
+        }
     }
 
     pub(super) fn commit_flushes(&mut self) {
@@ -194,6 +287,7 @@ impl Shard {
     }
 
     pub(super) fn timers(&mut self) {
+        self.submit_deferred();
         let flush_every = Duration::from_millis(self.shared.cfg.flush_max_ms);
         for d in 0..self.open.len() {
             let due = self.open[d].as_ref().and_then(|o| o.first_unflushed).is_some_and(|t| t.elapsed() >= flush_every);
@@ -319,6 +413,9 @@ impl Shard {
             self.drop_from_memory(dev, w);
         }
         self.wstate[dev as usize][w as usize] = WState::Free;
+        // A use this shard began in this run holds only its records, released by its writes.
+        let this_run = self.shared.devs[dev as usize].seq[w as usize].load(Relaxed) >= self.run_first_wblock_seq;
+        self.freed_at[dev as usize][w as usize] = if this_run { self.writes_completed.max(1) } else { u64::MAX };
         self.defrag.unreadable.remove(&(dev, w));
         self.defrag.rested.remove(&(dev, w));
         self.defrag.floor_moves.remove(&(dev, w));
@@ -551,12 +648,15 @@ impl Shard {
                 stats.device_writes.fetch_add(1, Relaxed);
                 stats.device_write_bytes.fetch_add(info.bytes as u64, Relaxed);
                 self.writes_completed += 1;
-                let first = &mut self.unsynced_first[info.dev as usize];
-                if *first == u64::MAX {
-                    *first = self.writes_completed;
+                if !info.dsync {
+                    let first = &mut self.unsynced_first[info.dev as usize];
+                    if *first == u64::MAX {
+                        *first = self.writes_completed;
+                    }
                 }
                 // Before the releases below, which may let another shard free a wblock.
                 self.shared.stats[self.id].writes_completed.store(self.writes_completed, SeqCst);
+                self.publish_synced();
                 if !info.dsync {
                     let u = &mut self.unsynced[info.dev as usize];
                     if self.read_only {

@@ -131,6 +131,7 @@ impl InfoSource for Shared {
             kv("evicted_objects", s.evicted.to_string()),
             kv("tombstones_dropped", s.tombstones_dropped.to_string()),
             kv("free_wblocks_scrubbed", s.free_wblocks_scrubbed.to_string()),
+            kv("wblock_reuses_held", s.wblock_reuses_held.to_string()),
             kv("defrag-lwm-pct", c.defrag_lwm_pct.to_string()),
             kv("stop-writes-avail-pct", c.stop_writes_avail_pct.to_string()),
             kv("nsup-period", c.nsup_period_secs.to_string()),
