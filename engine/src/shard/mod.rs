@@ -619,7 +619,7 @@ impl Shard {
                     self.flush(s, true);
                 }
                 let mark = self.next_tag;
-                if self.writes.is_empty() {
+                if self.writes.is_empty() && self.deferred.is_empty() {
                     done();
                 } else {
                     self.flush_waiters.push((mark, done));

@@ -240,6 +240,15 @@ impl Shard {
         self.deferred.iter().any(|d| !d.info.releases.is_empty())
     }
 
+    /// Whether a shard whose writes `h` waits for is latched read-only (they may never be
+    /// durable).
+    fn hold_failed(&self, h: &Hold) -> bool {
+        match h {
+            Hold::Own(_) => false,
+            Hold::All(_) => self.shared.stats.iter().any(|s| s.read_only.load(Relaxed)),
+        }
+    }
+
     /// Whether the writes `h` waits for are durable.
     fn hold_over(&self, h: &Hold) -> bool {
         match h {
@@ -248,21 +257,34 @@ impl Shard {
         }
     }
 
-    /// Hand the deferred writes whose wait is over to the device, in order (a wblock's
-    /// writes share one `Hold`, so they go together). On a latched shard they fail.
+    /// Hand the deferred writes whose wait is over to the device, in order: once one of a
+    /// wblock waits, its later ones wait too. They fail on a latched shard, and when a shard
+    /// whose writes they wait for is latched (its failed fsync means those never become
+    /// durable, and this shard could not stop).
     pub(super) fn submit_deferred(&mut self) {
         if self.deferred.is_empty() {
             return;
         }
         let mut waiting = VecDeque::new();
+        let mut blocked: Vec<(u32, u32)> = Vec::new();
         while let Some(d) = self.deferred.pop_front() {
-            if self.read_only {
+            let key = (d.info.dev, d.info.w);
+            if self.read_only || self.hold_failed(&d.hold) {
+                if !self.read_only {
+                    tracing::error!(
+                        "shard {}: another shard's fsync failed before device {} wblock {} could be reused; latching read-only",
+                        self.id,
+                        key.0,
+                        key.1
+                    );
+                }
                 let IoRequest { tag, dev, offset, op } = d.req;
                 self.write_done(d.info, IoCompletion { tag, dev, offset, result: Err(DeviceError::Crashed), op });
-            } else if self.hold_over(&d.hold) {
+            } else if !blocked.contains(&key) && self.hold_over(&d.hold) {
                 self.io.push(d.req);
                 self.writes.insert(d.tag, d.info);
             } else {
+                blocked.push(key);
                 waiting.push_back(d);
             }
         }
@@ -706,7 +728,9 @@ impl Shard {
             self.retire(info.dev, info.w);
         }
         if !self.flush_waiters.is_empty() {
-            let oldest = self.writes.keys().min().copied().unwrap_or(u64::MAX);
+            // Deferred writes count too: a flush waits for them.
+            let oldest =
+                self.writes.keys().chain(self.deferred.iter().map(|d| &d.tag)).min().copied().unwrap_or(u64::MAX);
             let (ready, wait): (Vec<_>, Vec<_>) = self.flush_waiters.drain(..).partition(|(mark, _)| oldest >= *mark);
             self.flush_waiters = wait;
             for (_, done) in ready {
