@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{
     AtomicBool, AtomicU32, AtomicU64,
-    Ordering::{AcqRel, Acquire, Relaxed},
+    Ordering::{AcqRel, Acquire, Relaxed, SeqCst},
 };
 use std::sync::{Mutex, RwLock};
 
@@ -187,6 +187,16 @@ impl Shared {
     /// The oldest tombstone `shard` kept at its last expiry sweep, if it kept any.
     pub fn kept_tomb(&self, shard: usize) -> Option<u64> {
         Some(self.stats[shard].oldest_kept_tomb.load(Relaxed)).filter(|&t| t != 0 && t != u64::MAX)
+    }
+
+    /// Every shard's `ShardStats::writes_completed`, now.
+    pub fn completed_writes(&self) -> Vec<u64> {
+        self.stats.iter().map(|s| s.writes_completed.load(SeqCst)).collect()
+    }
+
+    /// Whether every shard's writes up to `counts` (from `completed_writes`) are durable.
+    pub fn synced_through(&self, counts: &[u64]) -> bool {
+        self.stats.iter().zip(counts).all(|(s, &n)| s.writes_synced.load(SeqCst) >= n)
     }
 
     /// Acquire: see `sub_live`.

@@ -27,7 +27,7 @@
 //!   expired record is replaced by a tombstone, so an older copy can never come back.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use super::{slot, Reply, Shard, WState, DEFRAG};
@@ -661,15 +661,10 @@ impl Shard {
         }
         let shared = self.shared.clone();
         // The scrub queue is filled again only once it is empty (else each sweep would start
-        // the wait again): the wblocks freed since wait for a later sweep. Each shard's
-        // completed writes are counted before looking at the free wblocks, so whatever freed
-        // one of them is counted (`Shared::sub_live` orders another shard's release after
-        // its count).
+        // its waits again, those taking every shard's count): the wblocks freed since wait
+        // for a later sweep. A count taken now covers whatever freed a wblock seen free
+        // (`Shared::sub_live` orders another shard's release after its count).
         let refill = self.scrub_queue.is_empty();
-        if refill {
-            self.scrub_queue.clear();
-            self.scrub_after = shared.stats.iter().map(|s| s.writes_completed.load(SeqCst)).collect();
-        }
         // The wblocks of earlier runs count in every shard's floor.
         let any_shard = (0..shared.n_shards).filter_map(|i| shared.kept_tomb(i)).max();
         // This shard's floor cannot pass its oldest live record: with a tombstone above that,
@@ -699,7 +694,9 @@ impl Shard {
                 }
                 if state == WState::Free {
                     if refill && min < below && shared.cfg.scrub_free_wblocks && self.scrub_queue.len() < 4096 {
-                        self.scrub_queue.push_back((d as u32, w, dev.seq[w as usize].load(Relaxed)));
+                        let freed = self.freed_at[d][w as usize];
+                        let hold = self.hold_for(d as u32, w);
+                        self.scrub_queue.push_back((d as u32, w, freed, hold));
                     }
                     continue;
                 }

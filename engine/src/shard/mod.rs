@@ -235,12 +235,10 @@ pub(crate) struct Shard {
     /// after that completion has completed.
     unsettled: Vec<Vec<write::Unsettled>>,
     /// Free wblocks whose old contents hold tombstones back, to be given an empty header
-    /// (`scrub_free`): (device, wblock, its write sequence when queued); and the header
-    /// writes in flight: tag → (device, wblock, its new write sequence).
-    scrub_queue: VecDeque<(u32, u32, u64)>,
-    /// Every shard's `writes_completed` when `scrub_queue` was filled: its scrubs wait until
-    /// each shard's `writes_synced` has come that far.
-    scrub_after: Vec<u64>,
+    /// (`scrub_free`): (device, wblock, its `freed_at` and what the scrub waits for, when
+    /// queued); and the header writes in flight: tag → (device, wblock, its new write
+    /// sequence).
+    scrub_queue: VecDeque<(u32, u32, u64, Option<write::Hold>)>,
     scrubs: HashMap<u64, (u32, u32, u64)>,
     /// Wblocks being scrubbed that `open_wblock` took off the free list: back on it when
     /// the write completes.
@@ -383,7 +381,6 @@ impl Shard {
             unsynced: vec![Vec::new(); n_devs],
             unsettled: (0..n_devs).map(|_| Vec::new()).collect(),
             scrub_queue: VecDeque::new(),
-            scrub_after: Vec::new(),
             scrubs: HashMap::new(),
             scrub_popped: HashSet::new(),
             scans: HashMap::new(),

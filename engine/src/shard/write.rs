@@ -92,18 +92,13 @@ impl Shard {
             self.scrub_popped.insert((dev, w));
             self.shared.stats[self.id].free_wblocks.fetch_sub(1, Relaxed);
         };
-        // `writer` stays as it is until this use's first write is durable: copies an earlier
-        // run left here (of any shard's records, should the shard count have changed) are
-        // on the device until then, and every shard's floor must go on counting them.
-        let hold = match self.freed_at[dev as usize][w as usize] {
-            0 => None,
-            u64::MAX => Some(Hold::All(self.shared.stats.iter().map(|s| s.writes_completed.load(SeqCst)).collect())),
-            n => Some(Hold::Own(n)),
-        }
-        .filter(|h| !self.hold_over(h));
+        let hold = self.hold_for(dev, w);
         if hold.is_some() {
             self.shared.stats[self.id].wblock_reuses_held.fetch_add(1, Relaxed);
         }
+        // `writer` stays as it is until this use's first write is durable: copies an earlier
+        // run left here (of any shard's records, should the shard count have changed) are
+        // on the device until then, and every shard's floor must go on counting them.
         let header = self.begin_use(dev, w);
         let buf = Rc::new(WBuf::new(self.io.alloc(self.wb() as usize)));
         buf.write_at(0, &header);
@@ -249,11 +244,22 @@ impl Shard {
         }
     }
 
+    /// What a new write over free wblock `w` of `dev` (a new use, or a scrub) must wait
+    /// for: the writes that freed it, unless they are durable already.
+    pub(super) fn hold_for(&self, dev: u32, w: u32) -> Option<Hold> {
+        match self.freed_at[dev as usize][w as usize] {
+            0 => None,
+            u64::MAX => Some(Hold::All(self.shared.completed_writes())),
+            n => Some(Hold::Own(n)),
+        }
+        .filter(|h| !self.hold_over(h))
+    }
+
     /// Whether the writes `h` waits for are durable.
-    fn hold_over(&self, h: &Hold) -> bool {
+    pub(super) fn hold_over(&self, h: &Hold) -> bool {
         match h {
             Hold::Own(n) => self.shared.stats[self.id].writes_synced.load(SeqCst) >= *n,
-            Hold::All(v) => self.shared.stats.iter().zip(v).all(|(s, &n)| s.writes_synced.load(SeqCst) >= n),
+            Hold::All(v) => self.shared.synced_through(v),
         }
     }
 
@@ -372,12 +378,6 @@ impl Shard {
         self.shared.stats[self.id].writes_synced.store(synced, SeqCst);
     }
 
-    /// Whether every write of every shard completed before `scrub_queue` was filled is
-    /// durable.
-    pub(super) fn scrub_wait_over(&self) -> bool {
-        self.shared.stats.iter().zip(&self.scrub_after).all(|(s, &after)| s.writes_synced.load(SeqCst) >= after)
-    }
-
     /// Free wblocks of this shard whose live bytes were released by other shards.
     pub(super) fn sweep_empty(&mut self) {
         for d in 0..self.wstate.len() {
@@ -494,26 +494,26 @@ impl Shard {
     pub(super) fn scrub_free(&mut self) {
         const SCRUBS_IN_FLIGHT: usize = 4;
         while self.scrubs.len() < SCRUBS_IN_FLIGHT && !self.read_only && self.stopping.is_none() {
-            let Some(&(dev, w, queued_seq)) = self.scrub_queue.front() else { break };
-            // Only once every write completed before the queue was filled is durable: the
-            // wblock may have been freed by a write not fsynced yet (its bytes released when
-            // the newer copy's write completed), and a power loss would then take the newer
-            // copy and leave the older one here gone too, and with it, say, a tombstone.
-            // After a change of the shard count that write may be another shard's. Writes
-            // completed since do not matter, so steady writes do not hold scrubs back.
-            if !self.scrub_wait_over() {
+            let Some((dev, w, freed, hold)) = self.scrub_queue.front() else { break };
+            let (dev, w) = (*dev, *w);
+            let d = &self.shared.devs[dev as usize];
+            // Not if the wblock was used since it was queued (freed again, its wait is
+            // another), nor once it holds no data.
+            if self.wstate[dev as usize][w as usize] != WState::Free
+                || self.freed_at[dev as usize][w as usize] != *freed
+                || d.min_seq[w as usize].load(Relaxed) == u64::MAX
+            {
+                self.scrub_queue.pop_front();
+                continue;
+            }
+            // Only once the writes that freed it are durable (`Hold`, as for a new use): a
+            // power loss would otherwise take the newer copies and leave the older ones here
+            // gone too, and with them, say, a tombstone. Writes completed since do not
+            // matter, so steady writes do not hold scrubs back.
+            if hold.as_ref().is_some_and(|h| !self.hold_over(h)) {
                 break;
             }
             self.scrub_queue.pop_front();
-            let d = &self.shared.devs[dev as usize];
-            // Not if the wblock was used since it was queued: free again, it may have been
-            // freed by a write the wait does not cover.
-            if self.wstate[dev as usize][w as usize] != WState::Free
-                || d.seq[w as usize].load(Relaxed) != queued_seq
-                || d.min_seq[w as usize].load(Relaxed) == u64::MAX
-            {
-                continue;
-            }
             let header = self.begin_use(dev, w);
             let seq = d.seq[w as usize].load(Relaxed);
             let buf = WBuf::new(self.io.alloc(FLUSH_ALIGN));
