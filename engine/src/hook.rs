@@ -71,7 +71,12 @@ impl HookCtx<'_> {
     /// them (looking their memory up together is cheaper than one at a time); a hook calls
     /// this once it has submitted what it has, before it looks for their answers. Whatever
     /// is left runs when the turn ends.
+    ///
+    /// The commands other shards own are handed to them first, so that they run there
+    /// while this shard runs its own: their answers can then come back in time for the
+    /// hook to send them in this turn, rather than a turn later.
     pub fn run_submitted(&mut self) {
+        self.shard.hand_over_forwards();
         self.shard.run_local();
     }
 

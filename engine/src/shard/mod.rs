@@ -1051,7 +1051,7 @@ impl Shard {
 
     /// Hand each destination its queued messages in one message, without blocking: a full
     /// channel keeps them for the next turn.
-    fn hand_over_forwards(&mut self) {
+    pub(crate) fn hand_over_forwards(&mut self) {
         for dest in 0..self.forward.len() {
             if self.forward[dest].is_empty() {
                 continue;
