@@ -1753,7 +1753,7 @@ fn a_scrub_waits_for_the_fsync_of_the_writes_that_freed_its_wblock() {
         assert!(engine.execute(Command::delete(common::digest_of(key).0)).is_ok());
         latest.insert(key, None);
     }
-    engine.flush();
+    // The timer writes the deletes without DSYNC (`Engine::flush` would make them durable).
     wait_for("a free wblock is scrubbed", || engine.stats().free_wblocks_scrubbed >= 1);
     let after = slow.elapsed();
     assert!(
@@ -1774,14 +1774,16 @@ fn a_power_loss_before_the_fsync_leaves_the_old_versions_unscrubbed() {
     let (disks, c, engine, latest) = tomb_setup();
     // From here on nothing is durable but DSYNC writes.
     disks[0].set_faults(SimFaults { volatile_cache: true, fsync_delay_ms: 60_000, ..Default::default() });
-    let mut updated = latest.clone();
-    put_all(&engine, 0..100, 2, &mut updated);
     for key in 150..200 {
         assert!(engine.execute(Command::delete(common::digest_of(key).0)).is_ok());
     }
-    // Not `engine.flush()`, whose writes are DSYNC: the timer writes the open wblock out
-    // within `flush_max_ms` (1 s), and two expiry sweeps follow, each wanting the freed
-    // wblocks scrubbed.
+    // Every other record written again after the deletes: no live record is older than
+    // the tombstones, so the wblocks freed, holding older copies, are to be scrubbed.
+    let mut updated = latest.clone();
+    put_all(&engine, 0..150, 2, &mut updated);
+    // Not `engine.flush()`, which would make them durable: the timer writes the open
+    // wblock out within `flush_max_ms` (1 s), and two expiry sweeps follow, each wanting
+    // the freed wblocks scrubbed.
     std::thread::sleep(std::time::Duration::from_millis(3500));
     let st = engine.stats();
     assert!(st.device_writes > 0 && st.tombstones == 50, "{st:?}");
@@ -1790,7 +1792,14 @@ fn a_power_loss_before_the_fsync_leaves_the_old_versions_unscrubbed() {
     assert!(disks[0].power_loss() > 0, "the updates and deletes were in the volatile cache");
     disks[0].set_faults(SimFaults::default());
     let engine = open(&disks, c);
-    check_latest(&engine, &latest, "after the power loss (the versions before the updates and deletes)");
+    // A version from before the power loss: the old one, or the new one where a DSYNC
+    // write (a defrag copy) made it durable; never nothing.
+    for key in 0..200 {
+        let old = latest[&key];
+        let new = if key < 150 { Some(2) } else { None };
+        let v = get_v(&engine, key);
+        assert!(v == Ok(old) || v == Ok(new), "key {key} after the power loss: {v:?} (before {old:?}, after {new:?})");
+    }
 }
 
 /// A wblock freed by writes not yet durable is written again only once they are: a device
@@ -1900,4 +1909,423 @@ fn crash_and_check(engine: Engine, disks: &[SimDisk], c: EngineConfig, latest: &
     drop(engine);
     let engine = open(disks, c);
     check_latest(&engine, latest, "after the crash");
+}
+
+// ------------------------------------------------------------------ the reuse hold
+
+/// The size of the "p" bin of [`put_big`]: three such records fill a 128 KiB wblock.
+const BIG_BYTES: usize = 40 * 1024;
+
+/// A put of bin "v" = `ver` and a `BIG_BYTES` bin "p" to test key `key`: a filler that
+/// takes wblocks quickly.
+fn put_big(engine: &Engine, key: u64, ver: i64) {
+    let bins = vec![Bin::new("v", Value::Int(ver)), Bin::new("p", Value::Blob(vec![9; BIG_BYTES]))];
+    let r = engine.execute(Command::put(common::digest_of(key).0, "demo", bins));
+    assert!(r.is_ok(), "put of key {key}: {:?}", r.result);
+}
+
+/// Whether the records of test key `key` go to device `dev` of two (digest bytes 8..12
+/// pick the device, as `Shared::device_of` does).
+fn on_device_of_two(key: u64, dev: u32) -> bool {
+    let d = common::digest_of(key).0;
+    u32::from_le_bytes(d.0[8..12].try_into().unwrap()) % 2 == dev
+}
+
+/// Test keys from `from` on whose partitions shard `shard` of two works and whose records
+/// go to device `dev` of two.
+fn keys_of_shard_on(shard: u16, dev: u32, from: u64, n: usize) -> Vec<u64> {
+    (from..).filter(|&k| on_shard_of_two(k, shard) && on_device_of_two(k, dev)).take(n).collect()
+}
+
+/// A config for the tests of the reuse hold: open wblocks written and fsyncs sent every
+/// 200 ms, no reserve and no minimum of free space (so that a freed wblock, last on its
+/// free list, is reached by client writes) and a defrag that moves nothing.
+fn hold_cfg(shards: usize) -> EngineConfig {
+    let mut c = cfg(shards);
+    c.flush_max_ms = 200;
+    c.defrag_reserve_wblocks = 0;
+    c.stop_writes_avail_pct = 0;
+    c.defrag_lwm_pct = 1;
+    c
+}
+
+/// Run `f` (a stop, a flush) on a thread of its own and wait 10 s at most for it: a hang
+/// fails the test instead of stalling it (the thread is left behind).
+#[track_caller]
+fn within_10s<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+        Ok(v) => v,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("{what} did not return within 10 s"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("{what} panicked"),
+    }
+}
+
+/// An engine of two shards on two disks whose shard 0 holds the writes of its reuse of an
+/// earlier run's wblock (wblock 1 of disk 0), waiting for shard 1's fsync of disk 1.
+struct HeldReuse {
+    disks: Vec<SimDisk>,
+    c: EngineConfig,
+    engine: Arc<Engine>,
+    /// Every acknowledged write.
+    latest: Latest,
+    /// Keys whose only records are in the held use of wblock 1, not written yet.
+    held: Vec<u64>,
+}
+
+/// Run 1 leaves records of keys `olds` (shard 0, disk 0) in wblock 1 of disk 0 and takes
+/// every other wblock of shard 0 there but the last (31) with fillers. Run 2, with faults
+/// `faults0` and `faults1` on the disks: shard 1 writes a record to disk 1 (written by the
+/// timer, without DSYNC: shard 1's writes are not all durable until its fsync of disk 1
+/// completes), shard 0 writes `olds` again (into wblock 31, written by its timer), which frees wblock 1,
+/// fills wblock 31 and takes wblock 1 for a new use, whose writes are held (`Hold::All`)
+/// until shard 1's writes are durable. Records of keys `held` go into it.
+fn held_reuse_of_an_earlier_runs_wblock(faults0: SimFaults, faults1: SimFaults) -> HeldReuse {
+    common::init_logs();
+    let disks = disks(2, 4 << 20); // 31 data wblocks of 128 KiB each
+    let c = hold_cfg(2);
+    let wb = c.wblock_bytes as u64;
+    let mut latest = Latest::new();
+    let olds = keys_of_shard_on(0, 0, 0, 60);
+    let mut fillers = keys_of_shard_on(0, 0, 100_000, 200).into_iter();
+    let mut fill = |engine: &Engine, latest: &mut Latest| {
+        let key = fillers.next().expect("enough filler keys");
+        put_big(engine, key, 1);
+        latest.insert(key, Some(1));
+        key
+    };
+
+    let engine = open(&disks, c.clone());
+    put_all(&engine, olds.iter().copied(), 1, &mut latest);
+    // Shard 0 opens its wblocks of disk 0 in order: 1 (`olds`), then 3 to 29.
+    let free = engine.stats().free_wblocks;
+    while engine.stats().free_wblocks > free - 14 {
+        fill(&engine, &mut latest);
+    }
+    engine.shutdown().expect("clean shutdown");
+    drop(engine);
+    assert_eq!(keys_in_wblock(&disks[0], 1, wb, olds.iter().copied()), olds, "wblock 1 holds the old records");
+
+    let engine = Arc::new(open(&disks, c.clone()));
+    let free = engine.stats().free_wblocks;
+    disks[0].set_faults(faults0);
+    disks[1].set_faults(faults1);
+    let s1 = keys_of_shard_on(1, 1, 0, 1)[0];
+    let writes = engine.stats().device_writes;
+    put_vp(&engine, s1, 1);
+    latest.insert(s1, Some(1));
+    // Not `Engine::flush`, which would fsync it.
+    wait_for("shard 1's timer writes its open wblock", || engine.stats().device_writes > writes);
+    put_all(&engine, olds.iter().copied(), 2, &mut latest);
+    // Wblocks 2 (disk 1) and 31 (disk 0) taken, wblock 1 freed once shard 0's timer has
+    // written the new copies.
+    wait_for("wblock 1 is freed", || engine.stats().free_wblocks == free - 1);
+    // The filler that does not fit in wblock 31 goes into wblock 1.
+    let mut last = None;
+    for _ in 0..5 {
+        if engine.stats().free_wblocks < free - 1 {
+            break;
+        }
+        last = Some(fill(&engine, &mut latest));
+    }
+    assert_eq!(engine.stats().free_wblocks, free - 2, "shard 0 filled wblock 31 and took wblock 1");
+    assert_eq!(engine.stats().wblock_reuses_held, 1, "shard 0's reuse of wblock 1 waits for shard 1's fsync");
+    let mut held = vec![last.expect("a filler was written")];
+    held.extend(keys_of_shard_on(0, 0, 200_000, 30));
+    put_all(&engine, held[1..].iter().copied(), 1, &mut latest);
+    HeldReuse { disks, c, engine, latest, held }
+}
+
+/// A stop while a reuse's writes are held (waiting for another shard's slow fsync) waits
+/// for them: it returns, and after a restart every acknowledged write is there, those of
+/// the held use too.
+#[test]
+fn a_stop_writes_the_held_writes_of_a_reuse_before_it_returns() {
+    let slow = SimFaults { fsync_delay_ms: 1500, ..Default::default() };
+    let HeldReuse { disks, c, engine, latest, .. } = held_reuse_of_an_earlier_runs_wblock(SimFaults::default(), slow);
+    let e = engine.clone();
+    within_10s("the shutdown", move || e.shutdown()).expect("clean shutdown");
+    drop(engine);
+    disks[1].clear_faults();
+    let engine = open(&disks, c);
+    assert!(engine.stats().previous_shutdown_clean);
+    check_latest(&engine, &latest, "after the restart");
+}
+
+/// `Engine::flush` while a reuse's writes are held returns only once they are on the
+/// device (written with DSYNC): the wblock's image holds them when it returns, and a power
+/// loss right after keeps them.
+#[test]
+fn a_flush_returns_once_the_held_writes_of_a_reuse_are_on_the_device() {
+    let volatile = SimFaults { volatile_cache: true, ..Default::default() };
+    let slow = SimFaults { fsync_delay_ms: 1500, ..Default::default() };
+    let HeldReuse { disks, c, engine, latest, held, .. } = held_reuse_of_an_earlier_runs_wblock(volatile, slow);
+    let wb = c.wblock_bytes as u64;
+    assert!(keys_in_wblock(&disks[0], 1, wb, held.iter().copied()).is_empty(), "the held writes are not written yet");
+    let e = engine.clone();
+    within_10s("the flush", move || e.flush());
+    let found = keys_in_wblock(&disks[0], 1, wb, held.iter().copied());
+    assert_eq!(found, held, "the flush returned before the held writes were on the device");
+    engine.crash();
+    drop(engine);
+    disks[0].power_loss();
+    disks[0].clear_faults();
+    disks[1].clear_faults();
+    let engine = open(&disks, c);
+    check_latest(&engine, &latest, "after a power loss right after the flush");
+}
+
+/// A held write fails, rather than waiting for ever, when the shard whose writes it waits
+/// for latches read-only: here shard 1's fsync of disk 1 fails. Shard 0 then latches too;
+/// the flush and the stop return; reads of the records of the held writes answer
+/// SERVER_ERROR until a restart, after which the records written before are all there,
+/// and the held ones, never written, are not.
+#[test]
+fn held_writes_fail_when_a_shard_they_wait_for_latches() {
+    let failing = SimFaults { fsync_delay_ms: 1000, fail_fsyncs: true, ..Default::default() };
+    let HeldReuse { disks, c, engine, mut latest, held, .. } =
+        held_reuse_of_an_earlier_runs_wblock(SimFaults::default(), failing);
+    let e = engine.clone();
+    within_10s("the flush", move || e.flush());
+    let st = engine.stats();
+    assert!(st.read_only && st.write_errors >= 2, "{st:?}");
+    for &key in &held {
+        assert_eq!(get_v(&engine, key), Err(ResultCode::ServerError), "key {key} of a held write that failed");
+        latest.remove(&key);
+    }
+    let put = engine.execute(put_v(held[0], 2));
+    assert!(!put.is_ok(), "a write to latched shard 0 answered {:?}", put.result);
+    let e = engine.clone();
+    within_10s("the shutdown", move || e.shutdown()).expect("shutdown");
+    drop(engine);
+    disks[1].clear_faults();
+    let engine = open(&disks, c);
+    assert!(!engine.stats().previous_shutdown_clean);
+    check_latest(&engine, &latest, "after the restart");
+    for &key in &held {
+        assert_eq!(get_v(&engine, key), Ok(None), "key {key} of a held write that failed");
+    }
+}
+
+/// The same on one shard whose own fsync fails: its held writes (`Hold::Own`, a wblock it
+/// freed in this run) fail once it latches, and the old copies they would have overwritten
+/// are still there after a restart.
+#[test]
+fn held_writes_fail_when_the_fsync_they_wait_for_fails() {
+    common::init_logs();
+    let disks = disks(1, 4 << 20);
+    let c = hold_cfg(1);
+    let engine = Arc::new(open(&disks, c.clone()));
+    let mut latest = Latest::new();
+    let olds: Vec<u64> = (0..60).collect();
+    put_all(&engine, olds.iter().copied(), 1, &mut latest);
+    // Wblock 1 holds `olds`; fillers take wblocks 2 to 30.
+    let free = engine.stats().free_wblocks;
+    let mut fillers = 100_000..;
+    while engine.stats().free_wblocks > free - 29 {
+        let key = fillers.next().unwrap();
+        put_big(&engine, key, 1);
+        latest.insert(key, Some(1));
+    }
+    engine.flush();
+    assert_eq!(engine.stats().free_wblocks, 1);
+    // From here on every fsync fails, 1.5 s after it was sent.
+    disks[0].set_faults(SimFaults { fsync_delay_ms: 1500, fail_fsyncs: true, ..Default::default() });
+    // `olds` again, into wblocks 30 and 31 without DSYNC (a seal, the timer): wblock 1 is
+    // freed by writes not durable.
+    put_all(&engine, olds.iter().copied(), 2, &mut latest);
+    wait_for("wblock 1 is freed", || engine.stats().free_wblocks == 1);
+    // The filler that does not fit in wblock 31 goes into wblock 1.
+    let mut last = None;
+    for _ in 0..5 {
+        if engine.stats().free_wblocks == 0 {
+            break;
+        }
+        let key = fillers.next().unwrap();
+        put_big(&engine, key, 1);
+        latest.insert(key, Some(1));
+        last = Some(key);
+    }
+    let st = engine.stats();
+    assert!(st.free_wblocks == 0 && st.wblock_reuses_held == 1 && !st.read_only, "wblock 1 reused, held: {st:?}");
+    let mut held = vec![last.expect("a filler was written")];
+    held.extend(200_000..200_030);
+    put_all(&engine, held[1..].iter().copied(), 1, &mut latest);
+    let e = engine.clone();
+    within_10s("the flush", move || e.flush());
+    let st = engine.stats();
+    assert!(st.read_only && st.write_errors >= 2, "{st:?}");
+    for &key in &held {
+        assert_eq!(get_v(&engine, key), Err(ResultCode::ServerError), "key {key} of a held write that failed");
+        latest.remove(&key);
+    }
+    let e = engine.clone();
+    within_10s("the shutdown", move || e.shutdown()).expect("shutdown");
+    drop(engine);
+    disks[0].clear_faults();
+    let engine = open(&disks, c);
+    for &key in &olds {
+        let v = get_v(&engine, key);
+        assert!(matches!(v, Ok(Some(1 | 2))), "key {key} after the restart: {v:?}");
+        latest.remove(&key);
+    }
+    check_latest(&engine, &latest, "after the restart");
+    for &key in &held {
+        assert_eq!(get_v(&engine, key), Ok(None), "key {key} of a held write that failed");
+    }
+}
+
+/// After a change of the shard count a wblock of an earlier run can hold any shard's
+/// records; its reuse waits for every shard's writes to be durable (`Hold::All`), not only
+/// its owner's. Run 1 (one shard) leaves keys 0..60 in wblock 1; in run 2 (two shards)
+/// shard 1 writes its keys of them again without DSYNC (its fsyncs taking 2 s), then shard
+/// 0 writes its own again (written by its timer), which frees wblock 1, and reuses it. A flush writes the
+/// new use (with DSYNC) only once shard 1's writes are durable; a power loss then, with
+/// the new use persisted, loses no record. Before shard 1's fsync it would have lost the
+/// records of shard 1 whose old copies the new use overwrote.
+#[test]
+fn a_reuse_of_an_earlier_runs_wblock_waits_for_every_shards_fsync() {
+    common::init_logs();
+    let disks = disks(1, 4 << 20);
+    let c1 = hold_cfg(1);
+    let wb = c1.wblock_bytes as u64;
+    let engine = open(&disks, c1);
+    let mut versions = Latest::new();
+    let olds: Vec<u64> = (0..60).collect();
+    put_all(&engine, olds.iter().copied(), 1, &mut versions);
+    // Fillers take wblocks 2 to 29.
+    let free = engine.stats().free_wblocks;
+    let mut fillers = 100_000..;
+    while engine.stats().free_wblocks > free - 28 {
+        put_big(&engine, fillers.next().unwrap(), 1);
+    }
+    engine.shutdown().expect("clean shutdown");
+    drop(engine);
+    assert_eq!(keys_in_wblock(&disks[0], 1, wb, olds.iter().copied()), olds, "wblock 1 holds keys 0..60");
+    let run1_seq = scan_wblock(&disks[0], 1, wb).seq;
+
+    // Run 2: shard 0 owns wblocks 1 and 31 (free), shard 1 owns wblock 30 (free).
+    let c = hold_cfg(2);
+    let engine = open(&disks, c.clone());
+    assert_eq!(engine.stats().free_wblocks, 2);
+    // From here on writes without DSYNC are durable only 2 s after an fsync is sent.
+    disks[0].set_faults(SimFaults { volatile_cache: true, fsync_delay_ms: 2000, ..Default::default() });
+    let (ones, zeros): (Vec<u64>, Vec<u64>) = olds.iter().partition(|&&k| on_shard_of_two(k, 1));
+    let writes = engine.stats().device_writes;
+    put_all(&engine, ones.iter().copied(), 2, &mut versions);
+    // Not `Engine::flush`, which would fsync them.
+    wait_for("shard 1's timer writes its open wblock", || engine.stats().device_writes > writes);
+    put_all(&engine, zeros.iter().copied(), 2, &mut versions);
+    wait_for("wblock 1 is freed", || engine.stats().free_wblocks == 1);
+    // Shard 0 fills wblock 31 and takes wblock 1; then half of wblock 1 is filled, over
+    // old records of both shards.
+    for key in keys_of_shard(0, 300_000, 5) {
+        if engine.stats().free_wblocks == 0 {
+            break;
+        }
+        put_big(&engine, key, 1);
+    }
+    assert_eq!(engine.stats().free_wblocks, 0, "shard 0 took wblock 1");
+    for key in keys_of_shard(0, 200_000, 40) {
+        put_vp(&engine, key, 1);
+    }
+    engine.flush();
+    let reuses_held = engine.stats().wblock_reuses_held;
+    let seq = scan_wblock(&disks[0], 1, wb).seq;
+    engine.crash();
+    drop(engine);
+    disks[0].power_loss_keeping(&[(wb, 2 * wb)]);
+    disks[0].clear_faults();
+    let engine = open(&disks, c);
+    for &key in &olds {
+        let v = get_v(&engine, key);
+        assert!(matches!(v, Ok(Some(1 | 2))), "key {key} of shard {} after the power loss: {v:?}", key_shard(key));
+    }
+    assert!(reuses_held >= 1, "the reuse of wblock 1 was not held");
+    assert_ne!(seq, run1_seq, "wblock 1 was written again before the power loss");
+}
+
+/// The shard of two whose partitions hold test key `key`.
+fn key_shard(key: u64) -> u16 {
+    u16::from(on_shard_of_two(key, 1))
+}
+
+/// After a restart, a wblock of the earlier run may hold any shard's records, so its reuse
+/// waits until every shard's completed writes are durable. The shard reusing it asks the
+/// others to fsync theirs at once, rather than waiting for their `flush_max_ms` timer.
+#[test]
+fn an_earlier_runs_wblock_is_reused_without_waiting_for_the_other_shards_timer() {
+    common::init_logs();
+    let disks = disks(1, 4 << 20);
+    let mut c = hold_cfg(2);
+    c.scrub_free_wblocks = false;
+    let wb = c.wblock_bytes as u64;
+    let engine = open(&disks, c.clone());
+    let mut keys = 0;
+    while engine.stats().free_wblocks > 8 {
+        put_vp(&engine, keys, 1);
+        keys += 1;
+    }
+    engine.shutdown().expect("clean shutdown");
+    drop(engine);
+    let mine: Vec<u64> = (0..keys).filter(|&k| on_shard_of_two(k, 0)).collect();
+    let first = wblock_of(&disks[0], wb, mine[0]);
+    let earlier = scan_wblock(&disks[0], first, wb).seq;
+    // From here on nothing is fsynced on a timer within the test.
+    c.flush_max_ms = 60_000;
+    let engine = open(&disks, c.clone());
+    // Shard 1 writes a wblock out (a full one): completed, not yet durable.
+    for k in keys_of_shard(1, 1 << 20, 100) {
+        put_vp(&engine, k, 1);
+    }
+    // Shard 0 rewrites its keys in order until the free list comes round to `first` and
+    // a wblock's worth of records goes into it: that write waits for shard 1's.
+    let (mut i, mut after_hold) = (0, 0);
+    while after_hold < 90 && i < mine.len() {
+        put_vp(&engine, mine[i], 2);
+        i += 1;
+        if engine.stats().wblock_reuses_held > 0 {
+            after_hold += 1;
+        }
+    }
+    assert!(engine.stats().wblock_reuses_held >= 1, "no reuse of an earlier run's wblock was held");
+    wait_for("the held write of the reused wblock reaches the device", || {
+        scan_wblock(&disks[0], first, wb).seq != earlier
+    });
+    engine.shutdown().expect("clean shutdown");
+    drop(engine);
+    let engine = open(&disks, c);
+    for (n, &k) in mine.iter().enumerate() {
+        let want = if n < i { 2 } else { 1 };
+        assert_eq!(get_v(&engine, k), Ok(Some(want)), "key {k}");
+    }
+}
+
+/// `Engine::flush` makes every write acknowledged before it durable, those already written
+/// without DSYNC (waiting for the timer's fsync) too: it sends the fsync and waits for it.
+#[test]
+fn a_flush_makes_every_acknowledged_write_durable() {
+    common::init_logs();
+    let disks = disks(1, 4 << 20);
+    let mut c = cfg(1);
+    c.flush_max_ms = 60_000;
+    let engine = open(&disks, c.clone());
+    disks[0].set_faults(SimFaults { volatile_cache: true, fsync_delay_ms: 300, ..Default::default() });
+    let mut latest = Latest::new();
+    put_all(&engine, 0..200, 1, &mut latest);
+    within_10s("the flush", {
+        let engine = Arc::new(engine);
+        let e = engine.clone();
+        move || {
+            e.flush();
+            e.crash();
+        }
+    });
+    disks[0].power_loss();
+    disks[0].clear_faults();
+    let engine = open(&disks, c);
+    check_latest(&engine, &latest, "after a power loss right after the flush");
 }

@@ -258,6 +258,13 @@ pub(crate) struct ShardStats {
     /// when the scrub was queued: the wblock may have been freed by a write not yet durable,
     /// of another shard after a change of the shard count.
     pub writes_synced: AtomicU64,
+    /// Someone waits for this shard's writes up to this number to be durable (another shard
+    /// reusing or scrubbing an earlier run's wblock, or a flush): fsync them now rather than
+    /// on the `flush-max-ms` timer.
+    pub sync_wanted: AtomicU64,
+    /// Wblocks of this shard whose last live bytes another shard released (after a change
+    /// of the shard count, or an adoption), for it to free.
+    pub emptied: Mutex<Vec<(u32, u32)>>,
     pub truncated: AtomicU64,
     pub cold_truncated: AtomicU64,
     /// Live records per set id, as of the shard's last `publish_stats`.

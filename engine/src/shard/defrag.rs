@@ -696,6 +696,9 @@ impl Shard {
                     if refill && min < below && shared.cfg.scrub_free_wblocks && self.scrub_queue.len() < 4096 {
                         let freed = self.freed_at[d][w as usize];
                         let hold = self.hold_for(d as u32, w);
+                        if let Some(h) = &hold {
+                            self.ask_for_syncs(h);
+                        }
                         self.scrub_queue.push_back((d as u32, w, freed, hold));
                     }
                     continue;

@@ -250,6 +250,9 @@ pub(crate) struct Shard {
     /// defrag is winning some back.
     held: VecDeque<(Command, Callback, Instant)>,
     flush_waiters: Vec<(u64, Done)>,
+    /// Flushes whose writes have all completed, waiting for the fsync that makes every
+    /// write completed until then durable (this shard's `writes_synced` reaching the number).
+    sync_waiters: Vec<(u64, Done)>,
     next_tag: u64,
     next_seq: u64,
     read_only: bool,
@@ -388,6 +391,7 @@ impl Shard {
             busy: hashbrown::HashMap::new(),
             held: VecDeque::new(),
             flush_waiters: Vec::new(),
+            sync_waiters: Vec::new(),
             next_tag: 1,
             next_seq,
             read_only: false,
@@ -533,6 +537,8 @@ impl Shard {
                         self.fsync_all();
                         self.stopping = Some(done);
                     } else {
+                        // Everything is written and durable: no flush is left waiting.
+                        self.check_flush_waiters();
                         self.publish_stats();
                         self.release_buffers();
                         done();
@@ -615,12 +621,8 @@ impl Shard {
                 for s in 0..self.open.len() {
                     self.flush(s, true);
                 }
-                let mark = self.next_tag;
-                if self.writes.is_empty() && self.deferred.is_empty() {
-                    done();
-                } else {
-                    self.flush_waiters.push((mark, done));
-                }
+                self.flush_waiters.push((self.next_tag, done));
+                self.check_flush_waiters();
             }
             Msg::Stop(done) => self.begin_stop(done),
             Msg::Stats(done) => {

@@ -219,9 +219,10 @@ impl Shard {
         self.mem.get_mut(&(dev, w)).expect("flushed wblock is in memory").inflight += 1;
         match held {
             Some(hold) => {
-                self.deferred.push_back(Deferred { tag, req, info, hold });
-                // The fsync that ends the wait.
+                // The fsyncs that end the wait.
                 self.fsync_all();
+                self.ask_for_syncs(&hold);
+                self.deferred.push_back(Deferred { tag, req, info, hold });
             }
             None => {
                 self.io.push(req);
@@ -253,6 +254,27 @@ impl Shard {
             n => Some(Hold::Own(n)),
         }
         .filter(|h| !self.hold_over(h))
+    }
+
+    /// Ask the other shards whose writes `h` waits for to fsync them now, not on their
+    /// timer: client writes that need a free wblock wait meanwhile.
+    pub(super) fn ask_for_syncs(&self, h: &Hold) {
+        let Hold::All(counts) = h else { return };
+        for (j, (s, &n)) in self.shared.stats.iter().zip(counts).enumerate() {
+            if j != self.id && s.writes_synced.load(SeqCst) < n {
+                s.sync_wanted.fetch_max(n, SeqCst);
+                self.peers[j].1.ring_if_sleeping();
+            }
+        }
+    }
+
+    /// Fsync now the writes another shard waits for (`ask_for_syncs`). A device whose fsync
+    /// is in flight gets the next one once that completes, if the wait is not over by then.
+    fn answer_sync_request(&mut self) {
+        let s = &self.shared.stats[self.id];
+        if s.sync_wanted.load(SeqCst) > s.writes_synced.load(SeqCst) {
+            self.fsync_all();
+        }
     }
 
     /// Whether the writes `h` waits for are durable.
@@ -315,6 +337,8 @@ impl Shard {
     }
 
     pub(super) fn timers(&mut self) {
+        self.check_flush_waiters();
+        self.answer_sync_request();
         self.submit_deferred();
         let flush_every = Duration::from_millis(self.shared.cfg.flush_max_ms);
         for d in 0..self.open.len() {
@@ -378,14 +402,13 @@ impl Shard {
         self.shared.stats[self.id].writes_synced.store(synced, SeqCst);
     }
 
-    /// Free wblocks of this shard whose live bytes were released by other shards.
+    /// Free wblocks of this shard whose live bytes were released by other shards. One still
+    /// open, being written or being defragmented is freed by what ends that (`retire`, the
+    /// end of its walk), which looks at its live bytes again.
     pub(super) fn sweep_empty(&mut self) {
-        for d in 0..self.wstate.len() {
-            for w in 1..self.wstate[d].len() {
-                if self.wstate[d][w] == WState::Used && self.shared.live(d as u32, w as u32) == 0 {
-                    self.maybe_free(d as u32, w as u32);
-                }
-            }
+        let emptied = std::mem::take(&mut *self.shared.stats[self.id].emptied.lock().expect("emptied lock"));
+        for (d, w) in emptied {
+            self.maybe_free(d, w);
         }
     }
 
@@ -418,8 +441,14 @@ impl Shard {
     pub(super) fn release(&mut self, loc: Loc) {
         let w = (loc.offset / self.wb()) as u32;
         let left = self.shared.sub_live(loc.dev, w, loc.size);
-        if left == 0 && self.shared.wblock_owner(w) == self.id {
-            self.maybe_free(loc.dev, w);
+        if left == 0 {
+            let owner = self.shared.wblock_owner(w);
+            if owner == self.id {
+                self.maybe_free(loc.dev, w);
+            } else {
+                // Exactly one release takes the live bytes to 0: the owner learns of it once.
+                self.shared.stats[owner].emptied.lock().expect("emptied lock").push((loc.dev, w));
+            }
         }
     }
 
@@ -727,12 +756,32 @@ impl Shard {
         if mw.sealed && mw.inflight == 0 {
             self.retire(info.dev, info.w);
         }
+        self.check_flush_waiters();
+    }
+
+    /// Flush waiters: once every write begun before their flush has completed (the deferred
+    /// ones too), they wait for the fsync that makes every write completed by then durable,
+    /// asked for now. A latched shard answers them at once: what it has not made durable by
+    /// then it never will.
+    pub(super) fn check_flush_waiters(&mut self) {
         if !self.flush_waiters.is_empty() {
-            // Deferred writes count too: a flush waits for them.
             let oldest =
                 self.writes.keys().chain(self.deferred.iter().map(|d| &d.tag)).min().copied().unwrap_or(u64::MAX);
             let (ready, wait): (Vec<_>, Vec<_>) = self.flush_waiters.drain(..).partition(|(mark, _)| oldest >= *mark);
             self.flush_waiters = wait;
+            if !ready.is_empty() {
+                let target = self.writes_completed;
+                self.sync_waiters.extend(ready.into_iter().map(|(_, done)| (target, done)));
+                self.shared.stats[self.id].sync_wanted.fetch_max(target, SeqCst);
+                self.fsync_all();
+            }
+        }
+        if !self.sync_waiters.is_empty() {
+            let synced = self.shared.stats[self.id].writes_synced.load(SeqCst);
+            let latched = self.read_only;
+            let (ready, wait): (Vec<_>, Vec<_>) =
+                self.sync_waiters.drain(..).partition(|&(target, _)| latched || synced >= target);
+            self.sync_waiters = wait;
             for (_, done) in ready {
                 done();
             }
