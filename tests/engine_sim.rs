@@ -2329,3 +2329,50 @@ fn a_flush_makes_every_acknowledged_write_durable() {
     let engine = open(&disks, c);
     check_latest(&engine, &latest, "after a power loss right after the flush");
 }
+
+/// An earlier run's wblock waits, when reused, for the writes that were completed when it
+/// was freed, not for those completed since: freed by writes made durable since, it is
+/// reused at once though another shard has written more since, not yet fsynced.
+#[test]
+fn an_earlier_runs_wblock_freed_by_durable_writes_is_reused_without_a_hold() {
+    common::init_logs();
+    let disks = disks(1, 4 << 20);
+    let mut c = hold_cfg(2);
+    c.scrub_free_wblocks = false;
+    let engine = open(&disks, c.clone());
+    let mut keys = 0;
+    while engine.stats().free_wblocks > 8 {
+        put_vp(&engine, keys, 1);
+        keys += 1;
+    }
+    engine.shutdown().expect("clean shutdown");
+    drop(engine);
+    let mine: Vec<u64> = (0..keys).filter(|&k| on_shard_of_two(k, 0)).collect();
+    let wb = c.wblock_bytes as u64;
+    let first = wblock_of(&disks[0], wb, mine[0]);
+    let earlier = scan_wblock(&disks[0], first, wb).seq;
+    c.flush_max_ms = 60_000;
+    let engine = open(&disks, c);
+    // Shard 0 rewrites a third of its keys: wblocks of the earlier run are freed (`first`
+    // among them), and the flush makes the writes that freed them durable.
+    let third = mine.len() / 3;
+    for &k in &mine[..third] {
+        put_vp(&engine, k, 2);
+    }
+    engine.flush();
+    // Shard 1 writes a wblock out, not fsynced (the timer is a minute away).
+    let writes = engine.stats().device_writes;
+    for k in keys_of_shard(1, 1 << 20, 100) {
+        put_vp(&engine, k, 1);
+    }
+    wait_for("shard 1 writes a full wblock", || engine.stats().device_writes > writes);
+    // Shard 0 goes on until its free list comes round to `first` and a full wblock's
+    // worth goes into it.
+    let mut i = third;
+    while scan_wblock(&disks[0], first, wb).seq == earlier {
+        assert!(i < mine.len(), "shard 0 did not come round to wblock {first}");
+        put_vp(&engine, mine[i], 2);
+        i += 1;
+    }
+    assert_eq!(engine.stats().wblock_reuses_held, 0, "a reuse waited for writes made after its wblock was freed");
+}

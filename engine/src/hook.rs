@@ -10,9 +10,10 @@
 //!
 //! Commands a hook submits through [`HookCtx::submit`] run in the same turn when the shard
 //! owns the digest's partition (together, at [`HookCtx::run_submitted`] or the turn's end);
-//! the others are collected per destination shard and handed over in
-//! one message per destination per turn, without ever blocking (a full destination channel
-//! keeps the batch for the next turn). Callbacks run on the shard that executes the command;
+//! the others are collected per destination shard and handed over in one message per
+//! destination, at [`HookCtx::run_submitted`] (before the shard runs its own) and at the
+//! turn's end, without ever blocking (a full destination channel keeps the batch for the
+//! next turn). Callbacks run on the shard that executes the command;
 //! a hook gets its answers back through a channel of its own and the [`Doorbell`] it is
 //! given at start, which wakes its shard when it sleeps.
 

@@ -30,6 +30,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
+use super::write::Hold;
 use super::{slot, Reply, Shard, WState, DEFRAG};
 use crate::coldstart::{walk_step, Walk, WALK_STEP};
 use crate::format::{RecordMeta, RECORD_HEADER_BYTES, WBLOCK_HEADER_BYTES};
@@ -672,6 +673,8 @@ impl Shard {
         let live_floor = live_min.iter().flatten().copied().min().unwrap_or(u64::MAX);
         let own = (oldest < live_floor).then_some(oldest);
         let mut blocking: Vec<(u32, u32)> = Vec::new();
+        // The other shards are asked for their fsyncs once, for the last (largest) counts.
+        let mut ask: Option<Hold> = None;
         for (d, dev) in shared.devs.iter().enumerate() {
             for w in 1..dev.n_wblocks {
                 let mut min = dev.min_seq[w as usize].load(Relaxed);
@@ -696,8 +699,8 @@ impl Shard {
                     if refill && min < below && shared.cfg.scrub_free_wblocks && self.scrub_queue.len() < 4096 {
                         let freed = self.freed_at[d][w as usize];
                         let hold = self.hold_for(d as u32, w);
-                        if let Some(h) = &hold {
-                            self.ask_for_syncs(h);
+                        if let Some(h @ Hold::All(_)) = &hold {
+                            ask = Some(h.clone());
                         }
                         self.scrub_queue.push_back((d as u32, w, freed, hold));
                     }
@@ -715,6 +718,9 @@ impl Shard {
                     blocking.push((d as u32, w));
                 }
             }
+        }
+        if let Some(h) = ask {
+            self.ask_for_syncs(&h);
         }
         let mut moves = 0;
         for (dev, w) in blocking {

@@ -278,8 +278,14 @@ pub(crate) struct Shard {
     unsynced_first: Vec<u64>,
     /// Per device and wblock: this shard's `writes_completed` when the wblock was last
     /// freed; 0: not freed in this run (what it holds was durable when the run began);
-    /// u64::MAX: it held an earlier run's records, which any shard may have released.
+    /// `ALL_SNAPSHOT | id`: it held an earlier run's records, which any shard may have
+    /// released, and was freed when every shard's count was `all_snapshots[id]`.
     freed_at: Vec<Vec<u64>>,
+    /// Every shard's `writes_completed` as of frees of earlier runs' wblocks, oldest first,
+    /// with the id of the first; those whose writes are all durable are let go (a hold
+    /// naming one of them is over).
+    all_snapshots: VecDeque<Vec<u64>>,
+    all_snapshots_first: u64,
     /// The first wblock write sequence of this run: a use from before was begun by an
     /// earlier run (and may hold any shard's records after a change of the shard count).
     run_first_wblock_seq: u64,
@@ -404,6 +410,8 @@ impl Shard {
             writes_completed: 0,
             unsynced_first: vec![u64::MAX; n_devs],
             freed_at: shared.devs.iter().map(|dev| vec![0; dev.n_wblocks as usize]).collect(),
+            all_snapshots: VecDeque::new(),
+            all_snapshots_first: 0,
             run_first_wblock_seq: shared.next_wblock_seq.load(Relaxed),
             deferred: VecDeque::new(),
             fsync_failed_first: u64::MAX,
@@ -573,7 +581,7 @@ impl Shard {
                 }
                 let spin_until = Instant::now() + Duration::from_micros(self.shared.cfg.spin_us);
                 while Instant::now() < spin_until {
-                    if !self.rx.is_empty() || self.hook_pending() || self.io.events_waiting() {
+                    if !self.rx.is_empty() || self.hook_pending() || self.io.events_waiting() || self.sync_to_send() {
                         idle = false;
                         break;
                     }
@@ -583,7 +591,7 @@ impl Shard {
             if idle {
                 self.doorbell.prepare_sleep();
                 // Whoever queued something before seeing the flag did not ring: look again.
-                if (!self.rx.is_empty() || self.hook_pending()) && self.stopping.is_none() {
+                if (!self.rx.is_empty() || self.hook_pending() || self.sync_to_send()) && self.stopping.is_none() {
                     self.doorbell.awake();
                     continue;
                 }

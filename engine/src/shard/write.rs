@@ -17,6 +17,10 @@ pub(super) struct FsyncInFlight {
     firsts: Vec<Unsettled>,
 }
 
+/// The mark, in `Shard::freed_at`, of an earlier run's wblock: the rest is the id of the
+/// snapshot of every shard's counts its reuse waits for.
+pub(super) const ALL_SNAPSHOT: u64 = 1 << 63;
+
 /// What the writes of a reused wblock wait for: the writes that freed it (released the
 /// last of its live bytes) to be durable. Without DSYNC a write completes before it is
 /// durable; had the new use's first write landed (a DSYNC write, or a device persisting its
@@ -220,7 +224,7 @@ impl Shard {
         match held {
             Some(hold) => {
                 // The fsyncs that end the wait.
-                self.fsync_all();
+                self.fsync_through(self.own_wait(&hold));
                 self.ask_for_syncs(&hold);
                 self.deferred.push_back(Deferred { tag, req, info, hold });
             }
@@ -250,14 +254,37 @@ impl Shard {
     pub(super) fn hold_for(&self, dev: u32, w: u32) -> Option<Hold> {
         match self.freed_at[dev as usize][w as usize] {
             0 => None,
-            u64::MAX => Some(Hold::All(self.shared.completed_writes())),
+            n if n & ALL_SNAPSHOT != 0 => {
+                // Let go of: its writes were durable already.
+                let i = (n & !ALL_SNAPSHOT).checked_sub(self.all_snapshots_first)?;
+                Some(Hold::All(self.all_snapshots[i as usize].clone()))
+            }
             n => Some(Hold::Own(n)),
         }
         .filter(|h| !self.hold_over(h))
     }
 
+    /// The `freed_at` of an earlier run's wblock freed now: every shard's count of completed
+    /// writes (which covers the releases that emptied it, `Shared::sub_live` ordering each
+    /// after its shard's count), kept once for all the wblocks freed while it is current.
+    fn all_snapshot_now(&mut self) -> u64 {
+        let now = self.shared.completed_writes();
+        if self.all_snapshots.back() != Some(&now) {
+            self.all_snapshots.push_back(now);
+        }
+        ALL_SNAPSHOT | (self.all_snapshots_first + self.all_snapshots.len() as u64 - 1)
+    }
+
+    /// Let go of the snapshots whose writes are all durable, oldest first.
+    pub(super) fn prune_all_snapshots(&mut self) {
+        while self.all_snapshots.front().is_some_and(|v| self.shared.synced_through(v)) {
+            self.all_snapshots.pop_front();
+            self.all_snapshots_first += 1;
+        }
+    }
+
     /// Ask the other shards whose writes `h` waits for to fsync them now, not on their
-    /// timer: client writes that need a free wblock wait meanwhile.
+    /// timer: what waits meanwhile is a reuse (client writes needing space) or a scrub.
     pub(super) fn ask_for_syncs(&self, h: &Hold) {
         let Hold::All(counts) = h else { return };
         for (j, (s, &n)) in self.shared.stats.iter().zip(counts).enumerate() {
@@ -268,12 +295,32 @@ impl Shard {
         }
     }
 
-    /// Fsync now the writes another shard waits for (`ask_for_syncs`). A device whose fsync
-    /// is in flight gets the next one once that completes, if the wait is not over by then.
+    /// Fsync now the writes someone waits for (`ask_for_syncs`, a flush). A device whose
+    /// fsync is in flight gets the next one once that completes, if the wait is not over by
+    /// then.
     fn answer_sync_request(&mut self) {
         let s = &self.shared.stats[self.id];
-        if s.sync_wanted.load(SeqCst) > s.writes_synced.load(SeqCst) {
-            self.fsync_all();
+        let wanted = s.sync_wanted.load(SeqCst);
+        if wanted > s.writes_synced.load(SeqCst) {
+            self.fsync_through(wanted);
+        }
+    }
+
+    /// Whether a wanted fsync (`answer_sync_request`) could be sent now: a shard about to
+    /// sleep looks once more, as a request made after its turn's `timers` rings only a
+    /// sleeping shard.
+    pub(super) fn sync_to_send(&self) -> bool {
+        let s = &self.shared.stats[self.id];
+        let wanted = s.sync_wanted.load(SeqCst);
+        wanted > s.writes_synced.load(SeqCst)
+            && (0..self.unsynced_first.len()).any(|d| self.unsynced_first[d] <= wanted && !self.fsync_inflight[d])
+    }
+
+    /// The last of this shard's own writes that `h` waits for (0: none).
+    fn own_wait(&self, h: &Hold) -> u64 {
+        match h {
+            Hold::Own(n) => *n,
+            Hold::All(v) => v.get(self.id).copied().unwrap_or(0),
         }
     }
 
@@ -317,9 +364,10 @@ impl Shard {
             }
         }
         self.deferred = waiting;
-        if !self.deferred.is_empty() {
+        let own = self.deferred.iter().map(|d| self.own_wait(&d.hold)).max();
+        if let Some(n) = own.filter(|&n| n > 0) {
             // A device whose fsync was in flight gets the next one as soon as it completes.
-            self.fsync_all();
+            self.fsync_through(n);
         }
     }
 
@@ -355,6 +403,7 @@ impl Shard {
         if self.last_sweep.elapsed() >= SWEEP_EVERY {
             self.last_sweep = Instant::now();
             self.sweep_empty();
+            self.prune_all_snapshots();
             self.publish_stats();
             for buf in std::mem::take(&mut self.unrecycled) {
                 self.recycle(buf);
@@ -371,8 +420,14 @@ impl Shard {
     }
 
     pub(super) fn fsync_all(&mut self) {
+        self.fsync_through(u64::MAX - 1);
+    }
+
+    /// Fsync the devices holding writes numbered up to `n` that no fsync covers yet (one
+    /// whose fsync is in flight gets the next once it completes, when asked again).
+    pub(super) fn fsync_through(&mut self, n: u64) {
         for d in 0..self.unsynced_first.len() {
-            if self.unsynced_first[d] != u64::MAX && !self.fsync_inflight[d] {
+            if self.unsynced_first[d] <= n && !self.fsync_inflight[d] {
                 let first = std::mem::replace(&mut self.unsynced_first[d], u64::MAX);
                 self.fsync_inflight[d] = true;
                 let tag = self.tag();
@@ -399,7 +454,17 @@ impl Shard {
             Some(first) if first != u64::MAX => first - 1,
             _ => self.writes_completed,
         };
-        self.shared.stats[self.id].writes_synced.store(synced, SeqCst);
+        let s = &self.shared.stats[self.id];
+        let before = s.writes_synced.swap(synced, SeqCst);
+        if synced > before && s.sync_wanted.load(SeqCst) > before {
+            // Writes someone asked for became durable: a shard holding writes for them may
+            // be asleep (this shard's own flush waiters are looked at in its next turn).
+            for (j, (_, bell)) in self.peers.iter().enumerate() {
+                if j != self.id {
+                    bell.ring_if_sleeping();
+                }
+            }
+        }
     }
 
     /// Free wblocks of this shard whose live bytes were released by other shards. One still
@@ -466,7 +531,8 @@ impl Shard {
         self.wstate[dev as usize][w as usize] = WState::Free;
         // A use this shard began in this run holds only its records, released by its writes.
         let this_run = self.shared.devs[dev as usize].seq[w as usize].load(Relaxed) >= self.run_first_wblock_seq;
-        self.freed_at[dev as usize][w as usize] = if this_run { self.writes_completed.max(1) } else { u64::MAX };
+        self.freed_at[dev as usize][w as usize] =
+            if this_run { self.writes_completed.max(1) } else { self.all_snapshot_now() };
         self.defrag.unreadable.remove(&(dev, w));
         self.defrag.rested.remove(&(dev, w));
         self.defrag.floor_moves.remove(&(dev, w));
@@ -773,7 +839,7 @@ impl Shard {
                 let target = self.writes_completed;
                 self.sync_waiters.extend(ready.into_iter().map(|(_, done)| (target, done)));
                 self.shared.stats[self.id].sync_wanted.fetch_max(target, SeqCst);
-                self.fsync_all();
+                self.fsync_through(target);
             }
         }
         if !self.sync_waiters.is_empty() {

@@ -13,7 +13,8 @@
 //! Each turn decodes every complete frame received and submits single-record commands
 //! through the shard: commands for the shard's own partitions are queued and run together
 //! on this thread once the turn's receives are decoded ([`HookCtx::run_submitted`]), the
-//! others are handed to their shard in one batch per destination per turn. Replies come
+//! others are handed to their shard just before, in one batch per destination, so that
+//! they run there meanwhile and their answers can go out in the same turn. Replies come
 //! back over a channel (with the doorbell rung when they come from another shard) and are
 //! sent in request order; at most `max-inflight` commands per connection execute at once.
 //!
