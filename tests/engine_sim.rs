@@ -1964,6 +1964,28 @@ fn within_10s<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'sta
     }
 }
 
+/// A flush while `held` keys' writes are held and the fsync they wait for fails: it returns,
+/// the shard is latched, and those keys (taken out of `latest`) answer SERVER_ERROR.
+fn flush_latches(engine: &Arc<Engine>, held: &[u64], latest: &mut Latest) {
+    let e = engine.clone();
+    within_10s("the flush", move || e.flush());
+    let st = engine.stats();
+    assert!(st.read_only && st.write_errors >= 2, "{st:?}");
+    for &key in held {
+        assert_eq!(get_v(engine, key), Err(ResultCode::ServerError), "key {key} of a held write that failed");
+        latest.remove(&key);
+    }
+}
+
+/// After the restart that follows [`flush_latches`]: everything else is there, and the
+/// held writes, never written, are not.
+fn check_held_lost(engine: &Engine, latest: &Latest, held: &[u64]) {
+    check_latest(engine, latest, "after the restart");
+    for &key in held {
+        assert_eq!(get_v(engine, key), Ok(None), "key {key} of a held write that failed");
+    }
+}
+
 /// An engine of two shards on two disks whose shard 0 holds the writes of its reuse of an
 /// earlier run's wblock (wblock 1 of disk 0), waiting for shard 1's fsync of disk 1.
 struct HeldReuse {
@@ -2088,14 +2110,7 @@ fn held_writes_fail_when_a_shard_they_wait_for_latches() {
     let failing = SimFaults { fsync_delay_ms: 1000, fail_fsyncs: true, ..Default::default() };
     let HeldReuse { disks, c, engine, mut latest, held, .. } =
         held_reuse_of_an_earlier_runs_wblock(SimFaults::default(), failing);
-    let e = engine.clone();
-    within_10s("the flush", move || e.flush());
-    let st = engine.stats();
-    assert!(st.read_only && st.write_errors >= 2, "{st:?}");
-    for &key in &held {
-        assert_eq!(get_v(&engine, key), Err(ResultCode::ServerError), "key {key} of a held write that failed");
-        latest.remove(&key);
-    }
+    flush_latches(&engine, &held, &mut latest);
     let put = engine.execute(put_v(held[0], 2));
     assert!(!put.is_ok(), "a write to latched shard 0 answered {:?}", put.result);
     let e = engine.clone();
@@ -2104,10 +2119,7 @@ fn held_writes_fail_when_a_shard_they_wait_for_latches() {
     disks[1].clear_faults();
     let engine = open(&disks, c);
     assert!(!engine.stats().previous_shutdown_clean);
-    check_latest(&engine, &latest, "after the restart");
-    for &key in &held {
-        assert_eq!(get_v(&engine, key), Ok(None), "key {key} of a held write that failed");
-    }
+    check_held_lost(&engine, &latest, &held);
 }
 
 /// The same on one shard whose own fsync fails: its held writes (`Hold::Own`, a wblock it
@@ -2154,14 +2166,7 @@ fn held_writes_fail_when_the_fsync_they_wait_for_fails() {
     let mut held = vec![last.expect("a filler was written")];
     held.extend(200_000..200_030);
     put_all(&engine, held[1..].iter().copied(), 1, &mut latest);
-    let e = engine.clone();
-    within_10s("the flush", move || e.flush());
-    let st = engine.stats();
-    assert!(st.read_only && st.write_errors >= 2, "{st:?}");
-    for &key in &held {
-        assert_eq!(get_v(&engine, key), Err(ResultCode::ServerError), "key {key} of a held write that failed");
-        latest.remove(&key);
-    }
+    flush_latches(&engine, &held, &mut latest);
     let e = engine.clone();
     within_10s("the shutdown", move || e.shutdown()).expect("shutdown");
     drop(engine);
@@ -2172,10 +2177,7 @@ fn held_writes_fail_when_the_fsync_they_wait_for_fails() {
         assert!(matches!(v, Ok(Some(1 | 2))), "key {key} after the restart: {v:?}");
         latest.remove(&key);
     }
-    check_latest(&engine, &latest, "after the restart");
-    for &key in &held {
-        assert_eq!(get_v(&engine, key), Ok(None), "key {key} of a held write that failed");
-    }
+    check_held_lost(&engine, &latest, &held);
 }
 
 /// After a change of the shard count a wblock of an earlier run can hold any shard's
@@ -2253,16 +2255,23 @@ fn key_shard(key: u64) -> u16 {
     u16::from(on_shard_of_two(key, 1))
 }
 
-/// After a restart, a wblock of the earlier run may hold any shard's records, so its reuse
-/// waits until every shard's completed writes are durable. The shard reusing it asks the
-/// others to fsync theirs at once, rather than waiting for their `flush_max_ms` timer.
-#[test]
-fn an_earlier_runs_wblock_is_reused_without_waiting_for_the_other_shards_timer() {
+/// A device two shards filled in a run before (till 8 wblocks were free) and stopped.
+struct EarlierRun {
+    disks: Vec<SimDisk>,
+    /// For the next run: no scrubs, nothing fsynced on a timer within a test.
+    c: EngineConfig,
+    /// The keys shard 0 wrote, in order.
+    mine: Vec<u64>,
+    /// The wblock holding the first of them, and its write sequence.
+    first: u32,
+    earlier: u64,
+}
+
+fn earlier_run_of_two_shards() -> EarlierRun {
     common::init_logs();
     let disks = disks(1, 4 << 20);
     let mut c = hold_cfg(2);
     c.scrub_free_wblocks = false;
-    let wb = c.wblock_bytes as u64;
     let engine = open(&disks, c.clone());
     let mut keys = 0;
     while engine.stats().free_wblocks > 8 {
@@ -2272,10 +2281,20 @@ fn an_earlier_runs_wblock_is_reused_without_waiting_for_the_other_shards_timer()
     engine.shutdown().expect("clean shutdown");
     drop(engine);
     let mine: Vec<u64> = (0..keys).filter(|&k| on_shard_of_two(k, 0)).collect();
+    let wb = c.wblock_bytes as u64;
     let first = wblock_of(&disks[0], wb, mine[0]);
     let earlier = scan_wblock(&disks[0], first, wb).seq;
-    // From here on nothing is fsynced on a timer within the test.
     c.flush_max_ms = 60_000;
+    EarlierRun { disks, c, mine, first, earlier }
+}
+
+/// After a restart, a wblock of the earlier run may hold any shard's records, so its reuse
+/// waits until every shard's completed writes are durable. The shard reusing it asks the
+/// others to fsync theirs at once, rather than waiting for their `flush_max_ms` timer.
+#[test]
+fn an_earlier_runs_wblock_is_reused_without_waiting_for_the_other_shards_timer() {
+    let EarlierRun { disks, c, mine, first, earlier } = earlier_run_of_two_shards();
+    let wb = c.wblock_bytes as u64;
     let engine = open(&disks, c.clone());
     // Shard 1 writes a wblock out (a full one): completed, not yet durable.
     for k in keys_of_shard(1, 1 << 20, 100) {
@@ -2335,23 +2354,8 @@ fn a_flush_makes_every_acknowledged_write_durable() {
 /// reused at once though another shard has written more since, not yet fsynced.
 #[test]
 fn an_earlier_runs_wblock_freed_by_durable_writes_is_reused_without_a_hold() {
-    common::init_logs();
-    let disks = disks(1, 4 << 20);
-    let mut c = hold_cfg(2);
-    c.scrub_free_wblocks = false;
-    let engine = open(&disks, c.clone());
-    let mut keys = 0;
-    while engine.stats().free_wblocks > 8 {
-        put_vp(&engine, keys, 1);
-        keys += 1;
-    }
-    engine.shutdown().expect("clean shutdown");
-    drop(engine);
-    let mine: Vec<u64> = (0..keys).filter(|&k| on_shard_of_two(k, 0)).collect();
+    let EarlierRun { disks, c, mine, first, earlier } = earlier_run_of_two_shards();
     let wb = c.wblock_bytes as u64;
-    let first = wblock_of(&disks[0], wb, mine[0]);
-    let earlier = scan_wblock(&disks[0], first, wb).seq;
-    c.flush_max_ms = 60_000;
     let engine = open(&disks, c);
     // Shard 0 rewrites a third of its keys: wblocks of the earlier run are freed (`first`
     // among them), and the flush makes the writes that freed them durable.
