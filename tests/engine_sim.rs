@@ -2002,7 +2002,7 @@ struct HeldReuse {
 /// every other wblock of shard 0 there but the last (31) with fillers. Run 2, with faults
 /// `faults0` and `faults1` on the disks: shard 1 writes a record to disk 1 (written by the
 /// timer, without DSYNC: shard 1's writes are not all durable until its fsync of disk 1
-/// completes), shard 0 writes `olds` again (into wblock 31, written by its timer), which frees wblock 1,
+/// completes), shard 0 deletes `olds` (tombstones in wblock 31, written by its timer), which frees wblock 1,
 /// fills wblock 31 and takes wblock 1 for a new use, whose writes are held (`Hold::All`)
 /// until shard 1's writes are durable. Records of keys `held` go into it.
 fn held_reuse_of_an_earlier_runs_wblock(faults0: SimFaults, faults1: SimFaults) -> HeldReuse {
@@ -2041,9 +2041,14 @@ fn held_reuse_of_an_earlier_runs_wblock(faults0: SimFaults, faults1: SimFaults) 
     latest.insert(s1, Some(1));
     // Not `Engine::flush`, which would fsync it.
     wait_for("shard 1's timer writes its open wblock", || engine.stats().device_writes > writes);
-    put_all(&engine, olds.iter().copied(), 2, &mut latest);
+    // Deletes, not new versions: their small tombstones fit wblock 31 whatever the timer's
+    // partial writes of it pad (a slow machine's).
+    for &key in &olds {
+        assert!(engine.execute(Command::delete(common::digest_of(key).0)).is_ok());
+        latest.insert(key, None);
+    }
     // Wblocks 2 (disk 1) and 31 (disk 0) taken, wblock 1 freed once shard 0's timer has
-    // written the new copies.
+    // written the tombstones.
     wait_for("wblock 1 is freed", || engine.stats().free_wblocks == free - 1);
     // The filler that does not fit in wblock 31 goes into wblock 1.
     let mut last = None;
@@ -2066,7 +2071,7 @@ fn held_reuse_of_an_earlier_runs_wblock(faults0: SimFaults, faults1: SimFaults) 
 /// the held use too.
 #[test]
 fn a_stop_writes_the_held_writes_of_a_reuse_before_it_returns() {
-    let slow = SimFaults { fsync_delay_ms: 1500, ..Default::default() };
+    let slow = SimFaults { fsync_delay_ms: 3000, ..Default::default() };
     let HeldReuse { disks, c, engine, latest, .. } = held_reuse_of_an_earlier_runs_wblock(SimFaults::default(), slow);
     let e = engine.clone();
     within_10s("the shutdown", move || e.shutdown()).expect("clean shutdown");
@@ -2083,7 +2088,7 @@ fn a_stop_writes_the_held_writes_of_a_reuse_before_it_returns() {
 #[test]
 fn a_flush_returns_once_the_held_writes_of_a_reuse_are_on_the_device() {
     let volatile = SimFaults { volatile_cache: true, ..Default::default() };
-    let slow = SimFaults { fsync_delay_ms: 1500, ..Default::default() };
+    let slow = SimFaults { fsync_delay_ms: 3000, ..Default::default() };
     let HeldReuse { disks, c, engine, latest, held, .. } = held_reuse_of_an_earlier_runs_wblock(volatile, slow);
     let wb = c.wblock_bytes as u64;
     assert!(keys_in_wblock(&disks[0], 1, wb, held.iter().copied()).is_empty(), "the held writes are not written yet");
@@ -2107,7 +2112,7 @@ fn a_flush_returns_once_the_held_writes_of_a_reuse_are_on_the_device() {
 /// and the held ones, never written, are not.
 #[test]
 fn held_writes_fail_when_a_shard_they_wait_for_latches() {
-    let failing = SimFaults { fsync_delay_ms: 1000, fail_fsyncs: true, ..Default::default() };
+    let failing = SimFaults { fsync_delay_ms: 2500, fail_fsyncs: true, ..Default::default() };
     let HeldReuse { disks, c, engine, mut latest, held, .. } =
         held_reuse_of_an_earlier_runs_wblock(SimFaults::default(), failing);
     flush_latches(&engine, &held, &mut latest);
@@ -2144,8 +2149,8 @@ fn held_writes_fail_when_the_fsync_they_wait_for_fails() {
     }
     engine.flush();
     assert_eq!(engine.stats().free_wblocks, 1);
-    // From here on every fsync fails, 1.5 s after it was sent.
-    disks[0].set_faults(SimFaults { fsync_delay_ms: 1500, fail_fsyncs: true, ..Default::default() });
+    // From here on every fsync fails, 3 s after it was sent.
+    disks[0].set_faults(SimFaults { fsync_delay_ms: 3000, fail_fsyncs: true, ..Default::default() });
     // `olds` again, into wblocks 30 and 31 without DSYNC (a seal, the timer): wblock 1 is
     // freed by writes not durable.
     put_all(&engine, olds.iter().copied(), 2, &mut latest);
@@ -2183,7 +2188,7 @@ fn held_writes_fail_when_the_fsync_they_wait_for_fails() {
 /// After a change of the shard count a wblock of an earlier run can hold any shard's
 /// records; its reuse waits for every shard's writes to be durable (`Hold::All`), not only
 /// its owner's. Run 1 (one shard) leaves keys 0..60 in wblock 1; in run 2 (two shards)
-/// shard 1 writes its keys of them again without DSYNC (its fsyncs taking 2 s), then shard
+/// shard 1 writes its keys of them again without DSYNC (its fsyncs taking 4 s), then shard
 /// 0 writes its own again (written by its timer), which frees wblock 1, and reuses it. A flush writes the
 /// new use (with DSYNC) only once shard 1's writes are durable; a power loss then, with
 /// the new use persisted, loses no record. Before shard 1's fsync it would have lost the
@@ -2213,8 +2218,8 @@ fn a_reuse_of_an_earlier_runs_wblock_waits_for_every_shards_fsync() {
     let c = hold_cfg(2);
     let engine = open(&disks, c.clone());
     assert_eq!(engine.stats().free_wblocks, 2);
-    // From here on writes without DSYNC are durable only 2 s after an fsync is sent.
-    disks[0].set_faults(SimFaults { volatile_cache: true, fsync_delay_ms: 2000, ..Default::default() });
+    // From here on writes without DSYNC are durable only 4 s after an fsync is sent.
+    disks[0].set_faults(SimFaults { volatile_cache: true, fsync_delay_ms: 4000, ..Default::default() });
     let (ones, zeros): (Vec<u64>, Vec<u64>) = olds.iter().partition(|&&k| on_shard_of_two(k, 1));
     let writes = engine.stats().device_writes;
     put_all(&engine, ones.iter().copied(), 2, &mut versions);
