@@ -30,8 +30,8 @@ pub(super) const ALL_SNAPSHOT: u64 = 1 << 63;
 pub(super) enum Hold {
     /// This shard's writes up to this number (`writes_completed` when it was freed).
     Own(u64),
-    /// Every shard's writes up to these numbers (an earlier run's wblock: any shard may
-    /// have released its records).
+    /// Every shard's writes up to these numbers, as of when the wblock was freed (an
+    /// earlier run's wblock: any shard may have released its records).
     All(Vec<u64>),
 }
 
@@ -255,7 +255,7 @@ impl Shard {
         match self.freed_at[dev as usize][w as usize] {
             0 => None,
             n if n & ALL_SNAPSHOT != 0 => {
-                // Let go of: its writes were durable already.
+                // A snapshot already let go of (`prune_all_snapshots`) was durable.
                 let i = (n & !ALL_SNAPSHOT).checked_sub(self.all_snapshots_first)?;
                 Some(Hold::All(self.all_snapshots[i as usize].clone()))
             }
