@@ -2385,3 +2385,33 @@ fn an_earlier_runs_wblock_freed_by_durable_writes_is_reused_without_a_hold() {
     }
     assert_eq!(engine.stats().wblock_reuses_held, 0, "a reuse waited for writes made after its wblock was freed");
 }
+
+/// A flush that comes while the engine stops returns once the stop has made every write
+/// durable, not at once.
+#[test]
+fn a_flush_during_a_stop_returns_once_the_writes_are_durable() {
+    common::init_logs();
+    let disks = disks(1, 4 << 20);
+    let mut c = cfg(1);
+    c.flush_max_ms = 60_000;
+    let engine = Arc::new(open(&disks, c.clone()));
+    disks[0].set_faults(SimFaults { volatile_cache: true, fsync_delay_ms: 2000, ..Default::default() });
+    let mut latest = Latest::new();
+    put_all(&engine, 0..200, 1, &mut latest);
+    let before = disks[0].writes_seen();
+    let e = engine.clone();
+    let stop = std::thread::spawn(move || e.shutdown());
+    // Once the stop has written the open wblock (its fsync then takes 2 s).
+    wait_for("the stop writes the open wblock", || disks[0].writes_seen() > before);
+    within_10s("the flush", {
+        let e = engine.clone();
+        move || e.flush()
+    });
+    // A power loss now keeps what the flush promised.
+    disks[0].power_loss();
+    stop.join().expect("stop thread").expect("clean shutdown");
+    drop(engine);
+    disks[0].clear_faults();
+    let engine = open(&disks, c);
+    check_latest(&engine, &latest, "after a power loss right after the flush");
+}

@@ -663,9 +663,14 @@ impl Shard {
                 self.publish_stats();
                 done();
             }
-            // The stop in progress flushes and fsyncs everything; a truncate is refused by the
-            // engine once it is stopping.
-            Msg::Flush(done) | Msg::Stop(done) | Msg::Truncate { done, .. } => done(),
+            // The stop in progress writes and fsyncs everything: a flush is answered once what
+            // it covers is durable (at the latest when the stop ends).
+            Msg::Flush(done) => {
+                self.flush_waiters.push((u64::MAX, done));
+                self.check_flush_waiters();
+            }
+            // A truncate is refused by the engine once it is stopping.
+            Msg::Stop(done) | Msg::Truncate { done, .. } => done(),
             // The records stay where they are, counted live: a later run moves them.
             Msg::Adopt(_) => {}
         }
