@@ -253,10 +253,10 @@ pub(crate) struct ShardStats {
     /// published before the releases of each: a wblock freed by a release is freed after its
     /// write's number was.
     pub writes_completed: AtomicU64,
-    /// Every write numbered up to this is durable (covered by a completed fsync). A scrub
-    /// waits until every shard's `writes_synced` has reached its `writes_completed` as of
-    /// when the scrub was queued: the wblock may have been freed by a write not yet durable,
-    /// of another shard after a change of the shard count.
+    /// Every write numbered up to this is durable (covered by a completed fsync, or written
+    /// with DSYNC). A new use or a scrub of a freed wblock waits until the writes counted
+    /// when it was freed are durable (`Hold`: this shard's, or every shard's for a wblock an
+    /// earlier run wrote).
     pub writes_synced: AtomicU64,
     /// Someone waits for this shard's writes up to this number to be durable (another shard
     /// reusing or scrubbing an earlier run's wblock, or a flush): fsync them now rather than

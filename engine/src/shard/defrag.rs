@@ -697,12 +697,10 @@ impl Shard {
                 }
                 if state == WState::Free {
                     if refill && min < below && shared.cfg.scrub_free_wblocks && self.scrub_queue.len() < 4096 {
-                        let freed = self.freed_at[d][w as usize];
-                        let hold = self.hold_for(d as u32, w);
-                        if let Some(h @ Hold::All(_)) = &hold {
-                            ask = Some(h.clone());
+                        if let Some(h @ Hold::All(_)) = self.hold_for(d as u32, w) {
+                            ask = Some(h);
                         }
-                        self.scrub_queue.push_back((d as u32, w, freed, hold));
+                        self.scrub_queue.push_back((d as u32, w, self.freed_at[d][w as usize]));
                     }
                     continue;
                 }

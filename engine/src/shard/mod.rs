@@ -152,9 +152,6 @@ struct OpenWb {
     commit_inflight: u32,
     /// When it was opened (a defrag output open this long is sealed once nothing qualifies).
     opened: Instant,
-    /// The writes that freed this wblock for this use were not all durable when it was
-    /// opened: its writes wait (`Shard::deferred`) until they are.
-    hold: Option<write::Hold>,
 }
 
 struct MemWb {
@@ -235,10 +232,10 @@ pub(crate) struct Shard {
     /// after that completion has completed.
     unsettled: Vec<Vec<write::Unsettled>>,
     /// Free wblocks whose old contents hold tombstones back, to be given an empty header
-    /// (`scrub_free`): (device, wblock, its `freed_at` and what the scrub waits for, when
-    /// queued); and the header writes in flight: tag → (device, wblock, its new write
+    /// (`scrub_free`): (device, wblock, its `freed_at` when queued: what the scrub waits
+    /// for, `write::Shard::hold_for`); and the header writes in flight: tag → (device, wblock, its new write
     /// sequence).
-    scrub_queue: VecDeque<(u32, u32, u64, Option<write::Hold>)>,
+    scrub_queue: VecDeque<(u32, u32, u64)>,
     scrubs: HashMap<u64, (u32, u32, u64)>,
     /// Wblocks being scrubbed that `open_wblock` took off the free list: back on it when
     /// the write completes.

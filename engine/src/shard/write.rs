@@ -96,8 +96,7 @@ impl Shard {
             self.scrub_popped.insert((dev, w));
             self.shared.stats[self.id].free_wblocks.fetch_sub(1, Relaxed);
         };
-        let hold = self.hold_for(dev, w);
-        if hold.is_some() {
+        if self.hold_for(dev, w).is_some() {
             self.shared.stats[self.id].wblock_reuses_held.fetch_add(1, Relaxed);
         }
         // `writer` stays as it is until this use's first write is durable: copies an earlier
@@ -120,7 +119,6 @@ impl Shard {
             digests: Vec::new(),
             commit_inflight: 0,
             opened: Instant::now(),
-            hold,
         });
         let stats = &self.shared.stats[self.id];
         stats.free_wblocks.fetch_sub(1, Relaxed);
@@ -171,27 +169,18 @@ impl Shard {
         self.submit_deferred();
         // Held while what freed the wblock is not durable, or while earlier writes of it
         // still wait (they go first).
-        let held = match self.open[s].as_ref() {
-            Some(o) => match &o.hold {
-                Some(h) if !self.hold_over(h) => Some(h.clone()),
-                _ => self.deferred.iter().find(|d| d.info.dev == o.dev && d.info.w == o.w).map(|d| d.hold.clone()),
-            },
-            None => return,
-        };
-        let Some(o) = self.open[s].as_mut() else { return };
-        if held.is_none() {
-            o.hold = None;
-        }
-        let dev = o.dev;
-        if o.pos == o.flushed {
+        let Some((dev, w)) = self.open[s].as_ref().filter(|o| o.pos > o.flushed).map(|o| (o.dev, o.w)) else {
             return;
-        }
+        };
+        let held = self
+            .hold_for(dev, w)
+            .or_else(|| self.deferred.iter().find(|d| d.info.dev == dev && d.info.w == w).map(|d| d.hold.clone()));
+        let Some(o) = self.open[s].as_mut() else { return };
         let dsync = dsync || self.shared.cfg.commit_to_device;
         let end = o.pos.div_ceil(FLUSH_ALIGN).saturating_mul(FLUSH_ALIGN).min(wb);
         o.buf.zero(o.pos, end);
         o.buf.freeze_to(end);
         let start = o.flushed;
-        let w = o.w;
         let info = WriteInfo {
             slot: s,
             dev,
@@ -589,13 +578,12 @@ impl Shard {
     pub(super) fn scrub_free(&mut self) {
         const SCRUBS_IN_FLIGHT: usize = 4;
         while self.scrubs.len() < SCRUBS_IN_FLIGHT && !self.read_only && self.stopping.is_none() {
-            let Some((dev, w, freed, hold)) = self.scrub_queue.front() else { break };
-            let (dev, w) = (*dev, *w);
+            let Some(&(dev, w, freed)) = self.scrub_queue.front() else { break };
             let d = &self.shared.devs[dev as usize];
             // Not if the wblock was used since it was queued (freed again, its wait is
             // another), nor once it holds no data.
             if self.wstate[dev as usize][w as usize] != WState::Free
-                || self.freed_at[dev as usize][w as usize] != *freed
+                || self.freed_at[dev as usize][w as usize] != freed
                 || d.min_seq[w as usize].load(Relaxed) == u64::MAX
             {
                 self.scrub_queue.pop_front();
@@ -605,7 +593,7 @@ impl Shard {
             // power loss would otherwise take the newer copies and leave the older ones here
             // gone too, and with them, say, a tombstone. Writes completed since do not
             // matter, so steady writes do not hold scrubs back.
-            if hold.as_ref().is_some_and(|h| !self.hold_over(h)) {
+            if self.hold_for(dev, w).is_some() {
                 break;
             }
             self.scrub_queue.pop_front();
