@@ -51,6 +51,22 @@ const FLOOR_EVERY: Duration = Duration::from_secs(1);
 
 /// Most wblocks taken into the queue per refill.
 const QUEUE_REFILL: usize = 64;
+/// Most candidates a look or a pass holds before it drops all but the `QUEUE_REFILL`
+/// emptiest (only those are queued): a pass over 2^20 wblocks holds this many, not one
+/// per candidate.
+const FOUND_CAP: usize = 4 * QUEUE_REFILL;
+
+/// Add a candidate (live bytes, device, wblock) to `found`, keeping its length at most
+/// `FOUND_CAP`: when full it keeps the `QUEUE_REFILL` smallest. The `QUEUE_REFILL` smallest
+/// of everything ever added are always among those kept, so `enqueue_emptiest` queues what
+/// it would have from the whole list.
+fn keep_emptiest(found: &mut Vec<(u32, u32, u32)>, c: (u32, u32, u32)) {
+    found.push(c);
+    if found.len() >= FOUND_CAP {
+        found.select_nth_unstable(QUEUE_REFILL - 1);
+        found.truncate(QUEUE_REFILL);
+    }
+}
 
 /// Bytes of a wblock image walked per loop turn (a sixteenth of a 1 MiB wblock).
 const SLICE_BYTES: usize = 64 * 1024;
@@ -260,14 +276,15 @@ impl Shard {
         }
     }
 
-    /// The defrag candidates among wblocks `ws` of device `d`, as (live bytes, device, wblock).
+    /// The defrag candidates among wblocks `ws` of device `d`, as (live bytes, device, wblock),
+    /// added to `found`, which keeps only the emptiest (see `keep_emptiest`).
     fn find_candidates(&self, d: usize, ws: std::ops::Range<usize>, found: &mut Vec<(u32, u32, u32)>) {
         for w in ws {
             if self.wstate[d][w] == WState::Used
                 && self.defrag_eligible(d as u32, w as u32)
                 && !self.unreadable_lately(d as u32, w as u32)
             {
-                found.push((self.shared.live(d as u32, w as u32), d as u32, w as u32));
+                keep_emptiest(found, (self.shared.live(d as u32, w as u32), d as u32, w as u32));
             }
         }
     }
@@ -831,5 +848,28 @@ impl Shard {
                 dead_tombs.len()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_emptiest_holds_a_bounded_list_with_the_emptiest_of_all() {
+        // Live byte counts from a small LCG, with repeats, over two devices.
+        let mut x = 12345u64;
+        let mut all = Vec::new();
+        let mut found = Vec::new();
+        for w in 0..20_000u32 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let c = (((x >> 33) % 5000) as u32, w % 2, w);
+            all.push(c);
+            keep_emptiest(&mut found, c);
+            assert!(found.len() < FOUND_CAP, "the list grew to {}", found.len());
+        }
+        all.sort_unstable();
+        found.sort_unstable();
+        assert_eq!(&found[..QUEUE_REFILL], &all[..QUEUE_REFILL]);
     }
 }
