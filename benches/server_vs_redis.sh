@@ -6,8 +6,8 @@
 #
 # What it does, and the choices behind it:
 #
-# * Servers. It starts its own `ferrospike` (2 shards unless --shards says otherwise, namespace
-#   "test" on a sparse 8 GiB file
+# * Servers. It starts its own `ferrospike` (by default one shard and a 4 GiB post-write
+#   cache, see "Configuration" below; namespace "test" on a sparse 8 GiB file
 #   with 1 MiB write blocks in a temporary directory, or on --device) and its own
 #   `redis-server` (appendonly yes, appendfsync everysec, no RDB snapshots) on free 127.0.0.1
 #   ports, each in the background with its PID recorded. It never touches a system Redis
@@ -16,6 +16,16 @@
 #   default (commit-to-device = false, flush-max-ms = 1000) acknowledges a write before it is
 #   on the device and writes it within about a second, like appendfsync everysec. Both
 #   servers' data live on the same filesystem unless --device is given.
+#
+# * Configuration. The goal is judged like for like. redis-server answers on one thread and
+#   holds every record in memory; the load generator runs on the same 2-CPU machine. So
+#   Ferrospike gets one shard (one serving thread, the other CPU left to the load generator,
+#   as Redis leaves it) and a post-write cache that holds every record (4G; 200k records of
+#   1536 bytes fill about 320 MiB of write blocks). --server-defaults runs the server on its
+#   own defaults instead (shards = online CPUs, post-write-cache 256M, Aerospike's default):
+#   there two shards share the two CPUs with the busy load generator, and part of the reads
+#   go to the device, so that run shows what the defaults cost on one shared machine; it is
+#   not the goal's measure. --shards and --post-write-cache set either one in both cases.
 #
 # * Population. Ferrospike gets every key 0..K-1 from `ferrospike-bench -w I -z 16`. Redis
 #   gets every key redis-benchmark will ask for, key:000000000000 .. key:<K-1, 12 digits>
@@ -79,7 +89,8 @@ benches/server_vs_redis.sh: Ferrospike next to Redis 7 over loopback (issue 3).
 USAGE:
     benches/server_vs_redis.sh [--runs N] [--seconds S] [--keys K] [--conns "16 64"]
                                [--bin-dir DIR] [--device PATH] [--client async|threads]
-                               [--shards N] [--post-write-cache SIZE] [--same-client]
+                               [--shards N] [--post-write-cache SIZE] [--server-defaults]
+                               [--same-client]
 
 OPTIONS:
     --runs N        measured runs of every workload and connection count (default 3)
@@ -98,16 +109,21 @@ OPTIONS:
                     size needs `ferrospike --erase` first.
     --client MODE   async (default): ferrospike-bench -a, one event loop for all connections,
                     as redis-benchmark; threads: a thread per connection
-    --shards N      ferrospike's shard threads (default 2, its default on this 2-CPU machine;
-                    1 gives it one server thread, as redis-server has, and leaves the other
-                    CPU to the single-threaded load generator)
+    --shards N      ferrospike's shard threads (default 1: one server thread, as redis-server
+                    has, and the other CPU left to the single-threaded load generator)
     --post-write-cache SIZE
-                    ferrospike's post-write-cache (default: its own default, 256M). Redis
-                    holds every record in memory; the cache keeps the write blocks written
-                    last, and defrag rewrites the records left in older blocks into new
-                    ones. 200k records of 1536 bytes fill about 320 MiB of blocks; with "1G"
-                    every read was answered from memory (device_reads in namespace/test
-                    stayed 0 through RU,50 and then RU,100)
+                    ferrospike's post-write-cache (default 4G). Redis holds every record in
+                    memory; the cache keeps the write blocks written last, and defrag rewrites
+                    the records left in older blocks into new ones. 200k records of 1536 bytes
+                    fill about 320 MiB of blocks; with "1G" every read was answered from
+                    memory (device_reads in namespace/test stayed 0 through RU,50 and then
+                    RU,100)
+    --server-defaults
+                    run ferrospike on its own defaults instead: shards = online CPUs and
+                    post-write-cache 256M (Aerospike's default). On a 2-CPU machine its two
+                    shards share the CPUs with the load generator and part of the reads go to
+                    the device: a measure of that, not of the goal (judged like for like).
+                    --shards or --post-write-cache, given too, override that one default
     --same-client   also drive Redis with ferrospike-bench -a --resp (GET/SET of the same
                     keys and values, one event loop, timed exactly as Ferrospike is) in every
                     cell, and print a second table: Ferrospike against Redis under the same
@@ -119,7 +135,7 @@ Each measurement runs:
     ferrospike-bench -a -w RU,100 -z C -t S -o B1536 -k K  (100% reads)
     redis-benchmark -t get -d 1536 -r K -c C -n <~S s> --csv                 (100% reads)
     redis-benchmark -t set ... -c C/2  &  redis-benchmark -t get ... -c C/2  (50/50)
-against a ferrospike (--shards, default 2; 1M write blocks) and a redis-server (appendonly yes,
+against a ferrospike (1 shard and a 4G post-write cache unless told otherwise; 1M write blocks) and a redis-server (appendonly yes,
 appendfsync everysec, save '') that the script starts on free 127.0.0.1 ports and stops at
 the end. Both stores hold all K keys first. See the comment at the top of the script for
 how the Redis side is sized, populated and summed.
@@ -148,8 +164,9 @@ CONNS="16 64"
 BIN_DIR="$REPO/target/release"
 DEVICE=""
 CLIENT=async
-SHARDS=2
+SHARDS=""
 PWC=""
+SERVER_DEFAULTS=0
 SAME_CLIENT=0
 RECORD=1536
 
@@ -157,6 +174,7 @@ while (($# > 0)); do
     case $1 in
         --help | -h) usage; exit 0 ;;
         --same-client) SAME_CLIENT=1; shift; continue ;;
+        --server-defaults) SERVER_DEFAULTS=1; shift; continue ;;
         --runs | --seconds | --keys | --conns | --bin-dir | --device | --client | --shards | --post-write-cache)
             (($# >= 2)) || die "$1 needs a value (see --help)"
             case $1 in
@@ -178,7 +196,12 @@ done
 
 { is_uint "$RUNS" && ((RUNS >= 1)); } || die "--runs must be a positive integer"
 { is_uint "$DURATION" && ((DURATION >= 1)); } || die "--seconds must be a positive integer"
-{ is_uint "$SHARDS" && ((SHARDS >= 1 && SHARDS <= 256)); } || die "--shards must be 1..256"
+if ((!SERVER_DEFAULTS)); then
+    # Like for like (see "Configuration" at the top), unless told otherwise.
+    SHARDS=${SHARDS:-1}
+    PWC=${PWC:-4G}
+fi
+[[ -z $SHARDS ]] || { is_uint "$SHARDS" && ((SHARDS >= 1 && SHARDS <= 256)); } || die "--shards must be 1..256"
 [[ -z $PWC || $PWC =~ ^[0-9]+[KMGkmg]?$ ]] || die "--post-write-cache must be a size such as 512M or 1G"
 { is_uint "$KEYS" && ((KEYS >= 1 && KEYS <= 999999999999)); } || die "--keys must be 1..999999999999"
 read -r -a CONN_LIST <<<"$CONNS"
@@ -328,13 +351,15 @@ else
     storage="files = [\"$WORK/ferro.dat\"]
 file-size = \"8G\""
 fi
+shards_line=""
+[[ -z $SHARDS ]] || shards_line="shards = $SHARDS"
 pwc_line=""
 [[ -z $PWC ]] || pwc_line="post-write-cache = \"$PWC\""
 cat >"$WORK/ferrospike.toml" <<EOF
 [service]
 address = "127.0.0.1"
 port = $FERRO_PORT
-shards = $SHARDS
+$shards_line
 
 [[namespaces]]
 name = "test"
@@ -616,7 +641,7 @@ echo "redis GETs (warm-up included): $hits hits, $misses misses (ferrospike-benc
 # ---- summary -----------------------------------------------------------------------------
 
 echo
-echo "== summary: $RUNS run(s) of $DURATION s, $KEYS keys, $RECORD-byte values, loopback, ferrospike $git_rev ($SHARDS shard(s), post-write-cache ${PWC:-default}), $(redis-server --version | grep -o 'v=[^ ]*')"
+echo "== summary: $RUNS run(s) of $DURATION s, $KEYS keys, $RECORD-byte values, loopback, ferrospike $git_rev (shards ${SHARDS:-"= online CPUs (its default)"}, post-write-cache ${PWC:-"256M (its default)"}), $(redis-server --version | grep -o 'v=[^ ]*')"
 echo
 summary_table() { # REDIS_SYSTEM (redis | redis-fb)
 python3 - "$RESULTS" "$1" "${CONN_LIST[@]}" <<'EOF'
