@@ -135,10 +135,11 @@ Each measurement runs:
     ferrospike-bench -a -w RU,100 -z C -t S -o B1536 -k K  (100% reads)
     redis-benchmark -t get -d 1536 -r K -c C -n <~S s> --csv                 (100% reads)
     redis-benchmark -t set ... -c C/2  &  redis-benchmark -t get ... -c C/2  (50/50)
-against a ferrospike (1 shard and a 4G post-write cache unless told otherwise; 1M write blocks) and a redis-server (appendonly yes,
-appendfsync everysec, save '') that the script starts on free 127.0.0.1 ports and stops at
-the end. Both stores hold all K keys first. See the comment at the top of the script for
-how the Redis side is sized, populated and summed.
+against a ferrospike (1 shard and a 4G post-write cache unless told otherwise; 1M write
+blocks) and a redis-server (appendonly yes, appendfsync everysec, save '') that the script
+starts on free 127.0.0.1 ports and stops at the end. Both stores hold all K keys first.
+See the comment at the top of the script for how the Redis side is sized, populated and
+summed.
 
 Needs python3, and redis-server, redis-benchmark and redis-cli (as root it installs the
 Debian package redis-server when they are missing). The temporary directory is made under
