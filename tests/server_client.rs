@@ -117,6 +117,11 @@ async fn single_record_commands_and_policies() {
     p.generation_policy = GenerationPolicy::ExpectGenGreater;
     p.generation = gen;
     assert_eq!(rc(&client.put(&p, &key, &[as_bin!("g", 2)]).await.unwrap_err()), 3);
+    // generation GT: one above the record's (gen + 1 after the write above) applies
+    p.generation = gen + 2;
+    client.put(&p, &key, &[as_bin!("g", 3)]).await.unwrap();
+    let rec = client.get(&rp, &key, Bins::All).await.unwrap();
+    assert_eq!((rec.generation, rec.bins.get("g")), (gen + 2, Some(&aerospike::Value::from(3))));
 
     // exists actions
     let fresh = as_key!("test", "demo", "fresh");
@@ -140,6 +145,14 @@ async fn single_record_commands_and_policies() {
     assert!(client.delete(&wp, &fresh).await.unwrap());
     assert!(!client.delete(&wp, &fresh).await.unwrap());
     assert!(!client.exists(&rp, &fresh).await.unwrap());
+    // a durable delete succeeds (every delete leaves a tombstone here; Aerospike CE answers
+    // ENTERPRISE_ONLY, Enterprise applies it)
+    let durable = as_key!("test", "demo", "durable");
+    client.put(&wp, &durable, &[as_bin!("a", 1)]).await.unwrap();
+    let mut p = WritePolicy::default();
+    p.durable_delete = true;
+    assert!(client.delete(&p, &durable).await.unwrap());
+    assert!(!client.exists(&rp, &durable).await.unwrap());
 
     // TTL: a 1-second record expires; never-expire and keep behave
     let short = as_key!("test", "demo", "short");
@@ -151,6 +164,15 @@ async fn single_record_commands_and_policies() {
     let never = as_key!("test", "demo", "never");
     client.put(&p, &never, &[as_bin!("a", 1)]).await.unwrap();
     assert!(client.get(&rp, &never, Bins::None).await.unwrap().time_to_live().is_none());
+    // TTL -2 (don't update): a write keeps the record's expiry
+    let kept = as_key!("test", "demo", "kept");
+    let mut p = WritePolicy::default();
+    p.expiration = Expiration::Seconds(1000);
+    client.put(&p, &kept, &[as_bin!("a", 1)]).await.unwrap();
+    p.expiration = Expiration::DontUpdate;
+    client.put(&p, &kept, &[as_bin!("a", 2)]).await.unwrap();
+    let ttl = client.get(&rp, &kept, Bins::None).await.unwrap().time_to_live();
+    assert!(ttl.is_some_and(|t| t.as_secs() > 900 && t.as_secs() <= 1000), "TTL after a don't-update write: {ttl:?}");
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(!client.exists(&rp, &short).await.unwrap(), "expired record is gone");
     assert!(client.exists(&rp, &never).await.unwrap());

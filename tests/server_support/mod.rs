@@ -74,10 +74,16 @@ impl ServerProc {
 
     /// SIGTERM and wait (at most 30 s, then SIGKILL); returns the exit status.
     pub fn stop(&mut self) -> ExitStatus {
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// Send `signal` (SIGTERM or SIGINT) and wait (at most 30 s, then SIGKILL); returns the
+    /// exit status.
+    pub fn stop_with(&mut self, signal: i32) -> ExitStatus {
         let mut child = self.child.take().expect("running");
         // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
         unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
+            libc::kill(child.id() as i32, signal);
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -86,7 +92,7 @@ impl ServerProc {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("ferrospike did not stop within 30 s of SIGTERM:\n{}", self.log_text());
+                panic!("ferrospike did not stop within 30 s of signal {signal}:\n{}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
