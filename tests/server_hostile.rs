@@ -80,6 +80,44 @@ fn good_client(port: u16, stop: Arc<AtomicBool>, ok: Arc<AtomicU64>) {
     }
 }
 
+/// A [`good_client`] running on a thread of its own.
+struct GoodClient {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl GoodClient {
+    /// Start it and give it 300 ms to get going.
+    fn start(port: u16) -> GoodClient {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (stop, ok) = (stop.clone(), ok.clone());
+            std::thread::spawn(move || good_client(port, stop, ok))
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        GoodClient { stop, ok, thread }
+    }
+
+    /// Round trips answered correctly so far.
+    fn round_trips(&self) -> u64 {
+        self.ok.load(SeqCst)
+    }
+
+    /// Whether it stopped on its own (a wrong answer or a lost connection).
+    fn failed(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Stop it; panics if it saw a wrong answer.
+    fn finish(self) -> u64 {
+        self.stop.store(true, SeqCst);
+        self.thread.join().expect("the good client saw a wrong answer");
+        self.ok.load(SeqCst)
+    }
+}
+
 /// True when the server closes `s` (EOF or reset) within `within`.
 fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
     s.set_read_timeout(Some(within)).unwrap();
@@ -105,20 +143,14 @@ fn hostile_clients_do_not_disturb_good_ones() {
     let dir = Scratch::new("server-hostile");
     let mut srv = ServerProc::start(&dir, "request-deadline-ms = 2000\nmax-msg-size = \"1M\"\nmax-connections = 2000");
     let port = srv.port;
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let good = {
-        let (stop, ok) = (stop.clone(), ok.clone());
-        std::thread::spawn(move || good_client(port, stop, ok))
-    };
-    std::thread::sleep(Duration::from_millis(300));
+    let good = GoodClient::start(port);
     let rss_start = srv.rss_kib();
-    let mut progress = ok.load(SeqCst);
+    let mut progress = good.round_trips();
     let mut check_progress = |what: &str| {
         std::thread::sleep(Duration::from_millis(100));
-        let now = ok.load(SeqCst);
+        let now = good.round_trips();
         assert!(now > progress, "the good client stalled during {what}");
-        assert!(!good.is_finished(), "the good client failed during {what}");
+        assert!(!good.failed(), "the good client failed during {what}");
         progress = now;
     };
 
@@ -215,13 +247,12 @@ fn hostile_clients_do_not_disturb_good_ones() {
 
     std::thread::sleep(Duration::from_millis(500));
     let rss_end = srv.rss_kib();
-    stop.store(true, SeqCst);
-    good.join().expect("the good client saw a wrong answer");
+    let round_trips = good.finish();
     let stats = srv.info("statistics\n");
     assert!(stats.contains("proto_too_large=2"), "{stats}");
     assert!(!stats.contains("proto_malformed=0;"), "{stats}");
     assert!(!stats.contains("proto_request_deadline_expired=0;"), "{stats}");
-    eprintln!("good client round trips: {}; RSS {rss_start} KiB -> {rss_end} KiB", ok.load(SeqCst));
+    eprintln!("good client round trips: {round_trips}; RSS {rss_start} KiB -> {rss_end} KiB");
     assert!(rss_end < rss_start + 64 * 1024, "RSS grew from {rss_start} KiB to {rss_end} KiB");
     assert!(srv.stop().success());
 }
@@ -639,13 +670,7 @@ fn random_requests_behind_valid_headers_do_not_disturb_good_ones() {
     let dir = Scratch::new("server-fuzz");
     let mut srv = ServerProc::start(&dir, "request-deadline-ms = 2000\nmax-msg-size = \"1M\"");
     let port = srv.port;
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let good = {
-        let (stop, ok) = (stop.clone(), ok.clone());
-        std::thread::spawn(move || good_client(port, stop, ok))
-    };
-    std::thread::sleep(Duration::from_millis(300));
+    let good = GoodClient::start(port);
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let infos: [&[u8]; 8] = [
         b"namespace/test\n",
@@ -701,14 +726,13 @@ fn random_requests_behind_valid_headers_do_not_disturb_good_ones() {
             answered += 1;
         }
         if round % 25 == 24 {
-            let now = ok.load(SeqCst);
+            let now = good.round_trips();
             assert!(now > progress, "the good client stalled (round {round})");
-            assert!(!good.is_finished(), "the good client failed (round {round})");
+            assert!(!good.failed(), "the good client failed (round {round})");
             progress = now;
         }
     }
-    stop.store(true, SeqCst);
-    good.join().expect("the good client saw a wrong answer");
+    let round_trips = good.finish();
     let log = srv.log_text();
     assert!(!log.contains("panicked"), "the server panicked:\n{log}");
     let stats = srv.info("statistics\n");
@@ -720,8 +744,7 @@ fn random_requests_behind_valid_headers_do_not_disturb_good_ones() {
         .collect();
     eprintln!(
         "{frames} random frames on 300 connections: {answered} connections answered, {closed} closed by the server; \
-         good client round trips {}; {counters:?}",
-        ok.load(SeqCst)
+         good client round trips {round_trips}; {counters:?}"
     );
     // The generator reaches the parsers, not just the header check: most connections get
     // answers, and some frames are refused as malformed.
