@@ -376,3 +376,45 @@ async fn truncate_sets_and_restart() {
     client.close().await.unwrap();
     assert!(srv.stop().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_resumed_page_by_page_returns_every_record_once() {
+    // The client pages through a set with max_records, resuming each query from the
+    // partition filter the last one left (it sends the last digest of each unfinished
+    // partition in DIGEST_ARRAY): every record comes back exactly once.
+    let dir = Scratch::new("server-client-pages");
+    let mut srv = ServerProc::start(&dir, "");
+    let client = connect(&srv).await;
+    let mut wp = WritePolicy::default();
+    wp.send_key = true;
+    for i in 0..600 {
+        client.put(&wp, &as_key!("test", "pages", i), &[as_bin!("v", i)]).await.unwrap();
+    }
+    let mut qp = QueryPolicy::default();
+    qp.max_records = 70;
+    let mut pf = PartitionFilter::all();
+    let mut seen = std::collections::HashSet::new();
+    let mut pages = 0;
+    while !pf.done() {
+        pages += 1;
+        assert!(pages <= 60, "paging did not end after {pages} pages ({} records seen)", seen.len());
+        let rs = client.query(&qp, pf, Statement::new("test", "pages", Bins::All)).await.unwrap();
+        let mut stream = rs.clone().into_stream();
+        let mut n = 0;
+        while let Some(r) = stream.next().await {
+            let r = r.expect("scan record");
+            let key = r.key.as_ref().expect("record key");
+            assert!(key.user_key().is_some(), "the key was sent and is returned");
+            assert!(seen.insert(key.digest()), "{key:?} returned twice (page {pages})");
+            n += 1;
+        }
+        assert!(n <= 70, "a page of {n} records with max_records 70");
+        drop(stream);
+        pf = rs.partition_filter().expect("the query has ended");
+    }
+    assert_eq!(seen.len(), 600, "records seen over {pages} pages");
+    eprintln!("600 records in {pages} pages of at most 70");
+    assert!(pages >= 600 / 70, "600 records in {pages} pages of at most 70");
+    client.close().await.unwrap();
+    assert!({ srv }.stop().success());
+}
