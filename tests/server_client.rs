@@ -164,6 +164,26 @@ async fn single_record_commands_and_policies() {
     let never = as_key!("test", "demo", "never");
     client.put(&p, &never, &[as_bin!("a", 1)]).await.unwrap();
     assert!(client.get(&rp, &never, Bins::None).await.unwrap().time_to_live().is_none());
+    // A UDF call and a query with a secondary-index filter are UNSUPPORTED_FEATURE (16)
+    let e = client.execute_udf(&wp, &key, "pkg", "fun", &[]).await.unwrap_err();
+    assert_eq!(rc(&e), 16, "{e}");
+    let mut st = Statement::new("test", "demo", Bins::All);
+    st.set_filter(aerospike::query::Filter::equal("s", 1i64));
+    let answer = match client.query(&QueryPolicy::default(), PartitionFilter::all(), st).await {
+        Err(e) => Err(e),
+        Ok(rs) => {
+            let mut stream = rs.into_stream();
+            let mut first_error = None;
+            while let Some(r) = stream.next().await {
+                if let Err(e) = r {
+                    first_error.get_or_insert(e);
+                }
+            }
+            first_error.map_or(Ok(()), Err)
+        }
+    };
+    assert_eq!(answer.map_err(|e| rc(&e)), Err(16), "a query with a secondary-index filter");
+
     // TTL -2 (don't update): a write keeps the record's expiry
     let kept = as_key!("test", "demo", "kept");
     let mut p = WritePolicy::default();
