@@ -244,13 +244,15 @@ impl Shard {
         match self.freed_at[dev as usize][w as usize] {
             0 => None,
             n if n & ALL_SNAPSHOT != 0 => {
-                // A snapshot already let go of (`prune_all_snapshots`) was durable.
+                // A snapshot already let go of (`prune_all_snapshots`) was durable; one still
+                // kept is copied out only while its writes are not (this runs at every flush
+                // of the wblock).
                 let i = (n & !ALL_SNAPSHOT).checked_sub(self.all_snapshots_first)?;
-                Some(Hold::All(self.all_snapshots[i as usize].clone()))
+                let counts = &self.all_snapshots[i as usize];
+                (!self.shared.synced_through(counts)).then(|| Hold::All(counts.clone()))
             }
-            n => Some(Hold::Own(n)),
+            n => Some(Hold::Own(n)).filter(|h| !self.hold_over(h)),
         }
-        .filter(|h| !self.hold_over(h))
     }
 
     /// The `freed_at` of an earlier run's wblock freed now: every shard's count of completed
